@@ -1,0 +1,304 @@
+"""``SinkCache``: the cache container users pass to ``model.generate(past_key_values=...)``."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .context import TokenContext
+from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
+from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
+from .sinks import SINK_MODES, FirstSinks, NoSinks, PunctSinks, SinkSelector, punctuation_token_ids
+
+#: Default cap on sinks per (row, kv-head, layer) for policies that evict.
+DEFAULT_MAX_SINKS = 16
+
+_FULL_TYPES = ("full_attention",)
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+class SinkCache(Cache):
+    """A sink-aware compressing KV cache.
+
+    Args:
+        policy: ``"quantize"`` (default), ``"evict"``, ``"hybrid"``, ``"full"``, or a
+            :class:`~sinkcache.policies.Policy` object.
+        bits: quantization width (2, 4 or 8; default 4) for ``quantize``/``hybrid``.
+        budget: tokens held per layer for ``evict``/``hybrid`` (sinks and window included).
+        window: recent tokens kept exact (default 128 for quantization; ``min(256, budget // 2)``
+            for eviction).
+        group_size: tokens per key scale group and channels per value group (default 64).
+        sinks: ``"auto"`` (default), ``"first"``, ``"punct"``, ``"none"``, or a
+            :class:`~sinkcache.sinks.SinkSelector`.
+        n_first: how many leading tokens count as sinks (default 1; StreamingLLM uses 4).
+        max_sinks: cap on sinks per (row, kv-head, layer); default ``n_first`` for ``"first"``,
+            16 for ``"punct"``/``"auto"`` under eviction, unlimited for pure quantization.
+        model: the model; lets the cache read layer types (sliding layers stay uncompressed),
+            token ids and the padding mask (needed for left-padded batches and ``"punct"``).
+        tokenizer: lets ``"punct"``/``"auto"`` find punctuation/delimiter token ids.
+        config: a model config, when ``model`` is not given (layer types).
+
+    Without ``model``/``config`` every layer is treated as full attention; without ``model`` the
+    cache cannot see padding, so left-padded batches need ``model=``.
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy = "quantize",
+        *,
+        bits: int | None = None,
+        budget: int | None = None,
+        window: int | None = None,
+        group_size: int | None = None,
+        sinks: str | SinkSelector = "auto",
+        n_first: int = 1,
+        max_sinks: int | None = None,
+        model: Any = None,
+        tokenizer: Any = None,
+        config: Any = None,
+    ) -> None:
+        self.policy = make_policy(policy, bits=bits, budget=budget, window=window, group_size=group_size)
+        self.sink_selector = _make_sinks(self.policy, sinks, n_first, max_sinks, model, tokenizer)
+        _check_budget(self.policy, self.sink_selector)
+        self.ctx = TokenContext()
+        self.ctx.keep_ids = self.sink_selector.needs_ids
+        if model is not None and config is not None:
+            raise ValueError("pass model= or config=, not both")
+        self.config = getattr(model, "config", None) if model is not None else config
+        self._hook = None
+        if model is not None:
+            self._attach(model)
+            if hasattr(self.sink_selector, "attach"):
+                self.sink_selector.attach(model, self)
+        if self.config is not None:
+            super().__init__(layers=[self._make_layer(i, t, kw) for i, (t, kw) in enumerate(_layer_types(self.config))])
+        else:
+            super().__init__(layer_class_to_replicate=lambda: self._make_layer(len(self.layers), "full_attention", {}))
+
+    # ---- construction -------------------------------------------------------------------------
+    def _make_layer(self, idx: int, layer_type: str, kwargs: dict):
+        if layer_type in _SLIDING_TYPES:
+            # The model's own local window already bounds these; compressing them too would fight the
+            # sliding mask. Keep transformers' layer as is.
+            return DynamicSlidingWindowLayer(**kwargs)
+        p = self.policy
+        if isinstance(p, FullPolicy):
+            return DynamicLayer()
+        if isinstance(p, EvictPolicy):
+            return EvictingLayer(p, self.sink_selector, self.ctx, idx)
+        if isinstance(p, QuantizePolicy):  # HybridPolicy included
+            return QuantizedLayer(p, self.sink_selector, self.ctx, idx)
+        raise ValueError(f"policy {p!r} has no layer implementation")
+
+    def _attach(self, model) -> None:
+        """Forward pre-hook on the model: see each forward's token ids and padding mask.
+
+        The hook holds the cache weakly and acts only when this cache is the one passed in, so one
+        model can serve many caches (e.g. one per evaluation request).
+        """
+        ref = weakref.ref(self)
+
+        def hook(module, args, kwargs):
+            cache = ref()
+            if cache is None:
+                handle.remove()
+                return None
+            if kwargs.get("past_key_values") is not cache:
+                return None
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            cache.ctx.observe(ids, kwargs.get("attention_mask"), cache.get_seq_length())
+            return None
+
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        self._hook = handle
+
+    def detach(self) -> None:
+        """Remove the model hook (done automatically when the cache is garbage-collected)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if hasattr(self.sink_selector, "detach"):
+            self.sink_selector.detach()
+
+    def __deepcopy__(self, memo):
+        # The hook handle refers to the model; a copy shares the policy but needs no hook of its own
+        # unless re-attached. Copy every other attribute deeply.
+        import copy
+
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, None if k == "_hook" else copy.deepcopy(v, memo))
+        return new
+
+    # ---- Cache API ----------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.layer_class_to_replicate is None and layer_idx >= len(self.layers):
+            raise ValueError(
+                f"layer_idx={layer_idx} but this cache was built for {len(self.layers)} layers: "
+                "it belongs to a different model"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.ctx.reset()
+        if hasattr(self.sink_selector, "reset"):
+            self.sink_selector.reset()
+
+    def compress(self) -> None:
+        """Run compression that is pending (layers compress one forward after tokens arrive)."""
+        for layer in self.layers:
+            if isinstance(layer, CompressingLayer):
+                layer.compress()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.ctx.reorder(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.ctx.reorder(torch.as_tensor(indices).reshape(-1))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.ctx.repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.ctx.crop(self.get_seq_length())
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def _full_layers(self) -> list:
+        return [layer for layer in self.layers if not getattr(layer, "is_sliding", False)]
+
+    def memory_bytes(self) -> int:
+        """Bytes actually held: packed codes + scales/zeros + full-precision parts + metadata.
+
+        Runs pending compression first (it would run at the next forward anyway)."""
+        self.compress()
+        return sum(_layer_bytes(layer) for layer in self.layers)
+
+    def dense_bytes(self) -> int:
+        """What ``DynamicCache`` would hold for the same tokens, in the model dtype."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressingLayer):
+                total += layer.dense_bytes()
+            else:
+                total += _layer_bytes(layer)
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Tokens seen/held, sinks per layer, bytes and compression ratio."""
+        self.compress()
+        full = self._full_layers()
+        held = [layer.held() if isinstance(layer, CompressingLayer) else layer.get_seq_length() for layer in full]
+        mem, dense = self.memory_bytes(), self.dense_bytes()
+        return {
+            "policy": self.policy.name,
+            "policy_config": repr(self.policy),
+            "sinks": self.sink_selector.name,
+            "tokens_seen": self.get_seq_length(),
+            "tokens_held": max(held) if held else 0,
+            "sinks_per_layer": [
+                round(layer.sink_count(), 3) if isinstance(layer, CompressingLayer) else 0.0 for layer in self.layers
+            ],
+            "layers": len(self.layers),
+            "sliding_layers": sum(bool(getattr(layer, "is_sliding", False)) for layer in self.layers),
+            "memory_bytes": mem,
+            "dense_bytes": dense,
+            "compression_ratio": (dense / mem) if mem else 1.0,
+        }
+
+    def __repr__(self) -> str:
+        return f"SinkCache(policy={self.policy!r}, sinks={self.sink_selector!r}, layers={len(self.layers)})"
+
+
+def _layer_bytes(layer) -> int:
+    if isinstance(layer, CompressingLayer):
+        return layer.memory_bytes()
+    total = 0
+    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _layer_types(config) -> list[tuple[str, dict]]:
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+    out = []
+    for t in types:
+        if t in _FULL_TYPES:
+            out.append((t, {}))
+        elif t in _SLIDING_TYPES:
+            window = cfg.sliding_window if t == "sliding_attention" else cfg.attention_chunk_size
+            out.append((t, {"sliding_window": window}))
+        else:
+            raise ValueError(
+                f"model type {getattr(cfg, 'model_type', '?')!r} has a {t!r} layer; SinkCache supports "
+                f"{', '.join(_FULL_TYPES + _SLIDING_TYPES)} layers"
+            )
+    return out
+
+
+def _make_sinks(policy: Policy, sinks, n_first: int, max_sinks: int | None, model, tokenizer) -> SinkSelector:
+    if isinstance(sinks, SinkSelector):
+        return sinks
+    if sinks not in SINK_MODES:
+        raise ValueError(f"sinks={sinks!r} is unknown; allowed: {', '.join(SINK_MODES)}")
+    if max_sinks is not None and (isinstance(max_sinks, bool) or not isinstance(max_sinks, int) or max_sinks < 0):
+        raise ValueError(f"max_sinks={max_sinks!r} must be None or an integer >= 0")
+    if sinks == "none":
+        return NoSinks()
+    if sinks == "first":
+        if max_sinks is not None and max_sinks != n_first:
+            raise ValueError(f"sinks='first' keeps exactly n_first={n_first} sinks; max_sinks={max_sinks} does not apply")
+        return FirstSinks(n_first)
+    cap = max_sinks if max_sinks is not None else _default_cap(policy, n_first)
+    if sinks == "punct":
+        if tokenizer is None:
+            raise ValueError("sinks='punct' needs tokenizer= (to know which token ids are punctuation)")
+        return PunctSinks(punctuation_token_ids(tokenizer), n_first=n_first, max_sinks=cap)
+    # "auto": measured sinks when the cache can see the model; the first token otherwise.
+    from .detect import make_auto_sinks
+
+    return make_auto_sinks(n_first=n_first, max_sinks=cap, model=model, tokenizer=tokenizer)
+
+
+def _default_cap(policy: Policy, n_first: int) -> int | None:
+    """Default ``max_sinks``: unlimited when nothing is evicted; else 16, or what the budget allows."""
+    if isinstance(policy, HybridPolicy):
+        room = policy.body_capacity() // policy.group_size - 1  # a sink pins its group
+        return max(n_first, min(DEFAULT_MAX_SINKS, room))
+    if isinstance(policy, EvictPolicy):
+        return max(n_first, min(DEFAULT_MAX_SINKS, policy.budget - policy.window))
+    return None
+
+
+def _check_budget(policy: Policy, sinks: SinkSelector) -> None:
+    if isinstance(policy, EvictPolicy):
+        if sinks.max_sinks is None:
+            raise ValueError("policy='evict' needs a finite max_sinks")
+        if policy.budget < policy.window + sinks.max_sinks:
+            raise ValueError(
+                f"budget={policy.budget} is smaller than window={policy.window} + sinks={sinks.max_sinks}; "
+                f"allowed: budget >= {policy.window + sinks.max_sinks}"
+            )
+    if isinstance(policy, HybridPolicy):
+        if sinks.max_sinks is None:
+            raise ValueError("policy='hybrid' needs a finite max_sinks")
+        groups = policy.body_capacity() // policy.group_size
+        if groups < sinks.max_sinks + 1:
+            need = policy.window + policy.group_size - 1 + (sinks.max_sinks + 1) * policy.group_size
+            raise ValueError(
+                f"budget={policy.budget} holds {groups} quantized groups, fewer than max_sinks={sinks.max_sinks} + 1 "
+                f"(a sink pins its group); allowed: budget >= {need}, or fewer sinks"
+            )

@@ -1,0 +1,509 @@
+"""Per-layer compressed KV stores (``transformers`` ``CacheLayerMixin`` subclasses).
+
+Two layer kinds cover the compressing policies:
+
+* :class:`EvictingLayer` (``evict``): full-precision keys/values, at most ``budget`` tokens.
+* :class:`QuantizedLayer` (``quantize``, ``hybrid``): a bit-packed body, a full-precision sink
+  store and a full-precision recent window.
+
+Both follow ``DynamicSlidingWindowLayer``'s contract: ``update`` returns everything attention needs
+in this forward (held + new tokens), then stores less. ``get_seq_length`` counts tokens *seen*
+(so positions keep increasing) and ``get_mask_sizes`` describes what ``update`` will return.
+
+Keys are stored post-RoPE, so attention over a held subset is exact for the tokens held: no
+re-rotation is needed to keep relative distances right.
+
+**Left padding.** ``generate`` builds one mask for all layers and reads the padding mask at
+``kv_idx + kv_offset``. Held tokens are always kept in column order, and a row keeps padding only
+when it has fewer real tokens than the cache holds; pads then sit first, exactly where the mask
+expects them. A row's sinks are its own first real tokens (see :class:`~sinkcache.sinks.SinkSelector`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .context import TokenContext
+from .policies import EvictPolicy, HybridPolicy, QuantizePolicy
+from .quant import (
+    QuantizedKeys,
+    QuantizedValues,
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+)
+from .sinks import SinkSelector
+
+_BIG = 1e30  # priority of protected tokens (finite, so topk never sees NaN from inf - inf)
+
+
+class CompressingLayer(CacheLayerMixin):
+    """Shared bookkeeping: tokens seen, shape checks, batch ops over every per-row tensor."""
+
+    is_sliding = False
+    is_croppable = False  # eviction/quantization cannot be rolled back exactly in general
+    _batched: tuple[str, ...] = ()
+
+    def __init__(self, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1) -> None:
+        super().__init__()
+        self.sinks = sinks
+        self.ctx = ctx
+        self.layer_idx = layer_idx
+        self.seen = 0
+        self.shape: tuple[int, int, int] | None = None  # (batch, kv_heads, head_dim)
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+
+    # ---- CacheLayerMixin contract -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.shape = (b, h, d)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._init_storage(b, h, d)
+        self.is_initialized = True
+
+    def _init_storage(self, b: int, h: int, d: int) -> None:
+        raise NotImplementedError
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.dim() != 4 or v.shape[:3] != k.shape[:3]:
+            raise ValueError(
+                f"layer {self.layer_idx}: expected keys/values [batch, kv_heads, seq, head_dim], got {tuple(k.shape)} / {tuple(v.shape)}"
+            )
+        if self.shape is not None:
+            b, h, d = self.shape
+            if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d) or v.shape[3] != d:
+                raise ValueError(
+                    f"layer {self.layer_idx}: this cache holds [batch={b}, kv_heads={h}, head_dim={d}] but got keys "
+                    f"{tuple(k.shape)}: a cache cannot be reused with a different model or batch size (call cache.reset())"
+                )
+            if k.dtype != self.dtype:
+                raise ValueError(f"layer {self.layer_idx}: cache holds {self.dtype} but got keys in {k.dtype}")
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def held(self) -> int:
+        """Tokens stored right now (compression may still be pending)."""
+        raise NotImplementedError
+
+    def held_after_compress(self) -> int:
+        """Tokens attention will see besides the new ones: what is held once pending compression runs."""
+        raise NotImplementedError
+
+    def compress(self) -> None:
+        """Run pending compression. ``update`` calls it first, so tokens are compressed one forward
+        after they arrive: sink detection can then use the attention they drew in that forward."""
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.held_after_compress()
+        return held + query_length, self.seen - held
+
+    def reset(self) -> None:
+        for name in self._batched:
+            setattr(self, name, None)
+        self.seen = 0
+        self.shape = None
+        self.is_initialized = False
+
+    # ---- batch operations: every per-row tensor moves together ---------------------------------
+    def _map_batched(self, fn) -> None:
+        for name in self._batched:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map_batched(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map_batched(lambda t: t[indices.to(t.device)])
+            self.shape = (int(self.__dict__[self._batched[0]].shape[0]), *self.shape[1:])  # type: ignore[misc]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_batched(lambda t: t.repeat_interleave(repeats, dim=0))
+            self.shape = (self.shape[0] * repeats, *self.shape[1:])  # type: ignore[index]
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map_batched(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map_batched(lambda t: t.to(self.device, non_blocking=True))
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor this layer holds (codes, scales, zeros, full-precision parts, metadata)."""
+        total = 0
+        for name in self._batched:
+            t = getattr(self, name)
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def dense_bytes(self) -> int:
+        """What ``DynamicCache`` would hold for the tokens seen, in the model dtype."""
+        if self.shape is None or self.dtype is None:
+            return 0
+        b, h, d = self.shape
+        return 2 * b * h * self.seen * d * torch.empty((), dtype=self.dtype).element_size()
+
+    def sink_count(self) -> float:
+        """Mean number of sinks held per (row, kv-head)."""
+        raise NotImplementedError
+
+    def _mark_sinks(self, cols: torch.Tensor, keys: torch.Tensor, already: torch.Tensor | None) -> torch.Tensor:
+        """``[B, H, C]`` sink mask for a block, capped at ``max_sinks`` per (row, head) given ``already`` ``[B, H]``."""
+        b, h, c, _ = keys.shape
+        marks = self.sinks.mark(self.layer_idx, cols, self.ctx, keys).expand(b, h, c)
+        cap = self.sinks.max_sinks
+        if cap is not None:
+            base = already if already is not None else torch.zeros(b, h, dtype=torch.long, device=keys.device)
+            marks = marks & ((base.unsqueeze(-1) + marks.long().cumsum(-1)) <= cap)
+        return marks
+
+    def _pad_mask(self, cols: torch.Tensor, batch: int) -> torch.Tensor:
+        """``[B, 1, C]`` True where a column is left padding for that row."""
+        pad = self.ctx.pad_counts(batch, cols.device)
+        return (cols.view(1, -1) < pad.view(-1, 1)).unsqueeze(1)
+
+
+class EvictingLayer(CompressingLayer):
+    """Full-precision store of at most ``budget`` tokens per (row, kv-head).
+
+    Stored: keys/values ``[B, H, T, D]``, column ``pos`` ``[B, H, T]`` int32, key-norm ``score``
+    ``[B, H, T]`` float32 and a ``sink`` flag ``[B, H, T]``; T <= budget after every update.
+    """
+
+    _batched = ("keys", "values", "pos", "score", "sink")
+
+    def __init__(self, policy: EvictPolicy, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1) -> None:
+        super().__init__(sinks, ctx, layer_idx)
+        self.policy = policy
+        self.pos: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None
+        self.sink: torch.Tensor | None = None
+        self.marked = 0  # columns < marked have had their sink decision
+
+    def _init_storage(self, b: int, h: int, d: int) -> None:
+        dev = self.device
+        self.keys = torch.empty(b, h, 0, d, dtype=self.dtype, device=dev)
+        self.values = torch.empty(b, h, 0, d, dtype=self.dtype, device=dev)
+        self.pos = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
+        self.score = torch.empty(b, h, 0, dtype=torch.float32, device=dev)
+        self.sink = torch.empty(b, h, 0, dtype=torch.bool, device=dev)
+        self.marked = 0
+
+    def held(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def sink_count(self) -> float:
+        return 0.0 if self.sink is None or self.sink.numel() == 0 else float(self.sink.sum(-1).float().mean())
+
+    def held_after_compress(self) -> int:
+        return min(self.held(), self.policy.budget)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.compress()
+        b, h, q, _ = key_states.shape
+        cols = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
+        keys = torch.cat([self.keys, key_states], dim=2)
+        values = torch.cat([self.values, value_states], dim=2)
+        self.keys, self.values = keys, values
+        self.pos = torch.cat([self.pos, cols.view(1, 1, q).expand(b, h, q)], dim=2)
+        self.score = torch.cat([self.score, -key_states.float().norm(dim=-1)], dim=2)
+        self.sink = torch.cat([self.sink, torch.zeros(b, h, q, dtype=torch.bool, device=keys.device)], dim=2)
+        self.seen += q
+        return keys, values
+
+    def compress(self) -> None:
+        if not self.is_initialized or self.marked == self.seen:
+            return
+        # Decide sinks among tokens that arrived since the last compression, then evict.
+        new = self.seen - self.marked
+        cols = torch.arange(self.marked, self.seen, device=self.keys.device)
+        marks = self._mark_sinks(cols, self.keys[:, :, -new:], self.sink[:, :, :-new].sum(-1))
+        self.sink = torch.cat([self.sink[:, :, :-new], marks], dim=2)
+        self.marked = self.seen
+        if self.keys.shape[2] > self.policy.budget:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Keep the top-``budget`` tokens per (row, head): sinks and window first, pads last."""
+        n = self.policy.budget
+        protected = self.sink | (self.pos >= self.seen - self.policy.window)
+        prio = self.score.masked_fill(protected, _BIG)
+        prio = prio.masked_fill(self.pos < self.ctx.pad_counts(prio.shape[0], prio.device).view(-1, 1, 1), -_BIG)
+        # Sorting the kept indices keeps column order, which the padding mask relies on.
+        idx = prio.topk(n, dim=-1, sorted=False).indices.sort(dim=-1).values
+        d = self.keys.shape[-1]
+        full = idx.unsqueeze(-1).expand(-1, -1, -1, d)
+        self.keys = self.keys.gather(2, full)
+        self.values = self.values.gather(2, full)
+        self.pos = self.pos.gather(2, idx)
+        self.score = self.score.gather(2, idx)
+        self.sink = self.sink.gather(2, idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding); only inside the window."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > min(self.policy.window, self.held()):
+            raise ValueError(
+                f"crop({tokens_to_remove}) reaches past the protected window ({self.policy.window} tokens): "
+                "evicted tokens cannot be restored"
+            )
+        self._map_batched(lambda t: t[:, :, :-n])
+        self.seen -= n
+        self.marked = min(self.marked, self.seen)
+
+
+class QuantizedLayer(CompressingLayer):
+    """Bit-packed body + full-precision sinks + full-precision recent window.
+
+    Stored per layer:
+      * body: ``k_codes``/``v_codes`` ``[B, H, Tb, D*bits/8]`` uint8, key scale/zero
+        ``[B, H, Tb/G, D]``, value scale/zero ``[B, H, Tb, D/Gv]``, group ids ``gid`` ``[B, H, Tb/G]``
+        (column // G; groups are evicted per (row, head) under ``hybrid``) and group scores;
+      * sinks: ``sink_k``/``sink_v`` ``[B, H, S, D]`` model dtype, ``sink_col`` ``[B, H, S]`` (-1 = empty);
+      * window: ``win_k``/``win_v`` ``[B, H, W', D]``, columns ``win_start .. seen-1``.
+
+    A sink keeps its slot (and its unused codes) in the body; when the body is dequantized the
+    sink's exact key/value is written over that slot, so attention sees it at full precision and
+    the returned tensors stay in column order.
+    """
+
+    _batched = (
+        "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "gid", "gscore",
+        "sink_k", "sink_v", "sink_col", "sink_slot", "win_k", "win_v",
+    )
+
+    def __init__(
+        self, policy: QuantizePolicy, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1
+    ) -> None:
+        super().__init__(sinks, ctx, layer_idx)
+        self.policy = policy
+        self.bits = policy.bits
+        self.group = policy.group_size
+        self.capacity = policy.body_capacity() if isinstance(policy, HybridPolicy) else None
+        self.win_start = 0
+        for name in self._batched:
+            setattr(self, name, None)
+
+    def _init_storage(self, b: int, h: int, d: int) -> None:
+        self.vgroup = min(self.group, d)
+        if d % self.vgroup:
+            raise ValueError(
+                f"group_size={self.group} does not divide head_dim={d} (value groups split the head); "
+                f"allowed: a divisor of {d} or a value >= {d}"
+            )
+        if d % (8 // self.bits):
+            raise ValueError(f"head_dim={d} cannot be packed at {self.bits} bits (needs a multiple of {8 // self.bits})")
+        dev, dt = self.device, self.dtype
+        nb = d * self.bits // 8
+        self.k_codes = torch.empty(b, h, 0, nb, dtype=torch.uint8, device=dev)
+        self.v_codes = torch.empty(b, h, 0, nb, dtype=torch.uint8, device=dev)
+        self.k_scale = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        self.k_zero = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        self.v_scale = torch.empty(b, h, 0, d // self.vgroup, dtype=dt, device=dev)
+        self.v_zero = torch.empty(b, h, 0, d // self.vgroup, dtype=dt, device=dev)
+        self.gid = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
+        self.gscore = torch.empty(b, h, 0, dtype=torch.float32, device=dev)
+        self.sink_k = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        self.sink_v = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        self.sink_col = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
+        self.sink_slot = torch.empty(b, h, 0, dtype=torch.long, device=dev)
+        self.win_k = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        self.win_v = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        self.win_start = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.win_start = 0
+
+    # ---- sizes --------------------------------------------------------------------------------
+    def body_len(self) -> int:
+        return 0 if self.k_codes is None else self.k_codes.shape[2]
+
+    def held(self) -> int:
+        return 0 if self.win_k is None else self.body_len() + self.win_k.shape[2]
+
+    def sink_count(self) -> float:
+        if self.sink_col is None or self.sink_col.numel() == 0:
+            return 0.0
+        return float((self.sink_col >= 0).sum(-1).float().mean())
+
+    # ---- the hot path -------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.compress()
+        self.win_k = torch.cat([self.win_k, key_states], dim=2)
+        self.win_v = torch.cat([self.win_v, value_states], dim=2)
+        self.seen += key_states.shape[2]
+        return self._materialize()
+
+    def _flushable(self) -> int:
+        """Tokens the next compression moves out of the window (a multiple of the group size)."""
+        if self.win_k is None:
+            return 0
+        return max(self.win_k.shape[2] - self.policy.window, 0) // self.group * self.group
+
+    def held_after_compress(self) -> int:
+        n = self._flushable()
+        body = self.body_len() + n
+        if self.capacity is not None:
+            body = min(body, self.capacity)
+        return body + (0 if self.win_k is None else self.win_k.shape[2] - n)
+
+    def compress(self) -> None:
+        # Each token is quantized exactly once, when it leaves the window; the prompt itself was
+        # attended at full precision in its own forward (as in KIVI).
+        if self._flushable():
+            self._flush()
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized body (sinks written back exactly) followed by the window: ``[B, H, Tb+W', D]``."""
+        tb = self.body_len()
+        if tb == 0:
+            return self.win_k, self.win_v
+        b, h, w, d = self.win_k.shape
+        # Slot 0 is scratch: empty sink entries point there, so one scatter handles ragged sink counts.
+        out_k = torch.empty(b, h, 1 + tb + w, d, dtype=self.dtype, device=self.win_k.device)
+        out_v = torch.empty_like(out_k)
+        dequantize_keys(QuantizedKeys(self.k_codes, self.k_scale, self.k_zero), self.bits, self.group, out_k[:, :, 1 : 1 + tb])
+        dequantize_values(QuantizedValues(self.v_codes, self.v_scale, self.v_zero), self.bits, self.vgroup, out_v[:, :, 1 : 1 + tb])
+        out_k[:, :, 1 + tb :] = self.win_k
+        out_v[:, :, 1 + tb :] = self.win_v
+        if self.sink_k.shape[2]:
+            idx = self.sink_slot.unsqueeze(-1).expand(-1, -1, -1, d)
+            out_k.scatter_(2, idx, self.sink_k)
+            out_v.scatter_(2, idx, self.sink_v)
+        return out_k[:, :, 1:], out_v[:, :, 1:]
+
+    # ---- leaving the window -------------------------------------------------------------------
+    def _flush(self) -> None:
+        n = self._flushable()
+        ck, cv = self.win_k[:, :, :n], self.win_v[:, :, :n]
+        b, h, _, d = ck.shape
+        cols = torch.arange(self.win_start, self.win_start + n, device=ck.device)
+        marks = self._mark_sinks(cols, ck, (self.sink_col >= 0).sum(-1))
+        exclude = marks | self._pad_mask(cols, b)
+        qk = quantize_keys(ck, self.bits, self.group, exclude)
+        qv = quantize_values(cv, self.bits, self.vgroup)
+        self.k_codes = torch.cat([self.k_codes, qk.codes], dim=2)
+        self.k_scale = torch.cat([self.k_scale, qk.scale], dim=2)
+        self.k_zero = torch.cat([self.k_zero, qk.zero], dim=2)
+        self.v_codes = torch.cat([self.v_codes, qv.codes], dim=2)
+        self.v_scale = torch.cat([self.v_scale, qv.scale], dim=2)
+        self.v_zero = torch.cat([self.v_zero, qv.zero], dim=2)
+        ng = n // self.group
+        gid = (cols[:: self.group] // self.group).to(torch.int32)
+        self.gid = torch.cat([self.gid, gid.view(1, 1, ng).expand(b, h, ng)], dim=2)
+        # Group score for hybrid eviction: mean key-norm score of the group's ordinary tokens.
+        sc = (-ck.float().norm(dim=-1)).masked_fill(exclude, 0.0).view(b, h, ng, self.group).sum(-1)
+        cnt = (~exclude).expand(b, h, n).reshape(b, h, ng, self.group).sum(-1).clamp_min(1)
+        self.gscore = torch.cat([self.gscore, sc / cnt], dim=2)
+        self._add_sinks(marks, ck, cv, cols)
+        self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]
+        self.win_start += n
+        if self.capacity is not None and self.body_len() > self.capacity:
+            self._evict_groups()
+        self._locate_sinks()
+
+    def _add_sinks(self, marks: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, cols: torch.Tensor) -> None:
+        m = int(marks.sum(-1).max())
+        if m == 0:
+            return
+        # Stable sort puts each (row, head)'s sinks first, in column order; ragged counts become empty (-1) entries.
+        order = marks.to(torch.int8).sort(dim=-1, descending=True, stable=True)
+        idx, valid = order.indices[..., :m], order.values[..., :m].bool()
+        d = ck.shape[-1]
+        full = idx.unsqueeze(-1).expand(-1, -1, -1, d)
+        self.sink_k = torch.cat([self.sink_k, ck.gather(2, full)], dim=2)
+        self.sink_v = torch.cat([self.sink_v, cv.gather(2, full)], dim=2)
+        new_cols = torch.where(valid, cols[idx].to(torch.int32), torch.full_like(idx, -1, dtype=torch.int32))
+        self.sink_col = torch.cat([self.sink_col, new_cols], dim=2)
+
+    def _locate_sinks(self) -> None:
+        """Body slot (+1, slot 0 is scratch) of every sink; 0 for empty entries or sinks not in the body."""
+        if self.sink_col.shape[2] == 0:
+            self.sink_slot = torch.empty_like(self.sink_col, dtype=torch.long)
+            return
+        col = self.sink_col.long()
+        sg = torch.div(col, self.group, rounding_mode="floor")
+        where = torch.searchsorted(self.gid.long().contiguous(), sg.contiguous()).clamp_max(max(self.gid.shape[2] - 1, 0))
+        found = (col >= 0) & (self.gid.long().gather(2, where) == sg)
+        self.sink_slot = torch.where(found, 1 + where * self.group + col % self.group, torch.zeros_like(col))
+
+    def _evict_groups(self) -> None:
+        """Hybrid: keep the best ``capacity / G`` groups per (row, head); groups holding a sink stay."""
+        keep_n = self.capacity // self.group
+        b, h, ng = self.gid.shape
+        sg = torch.div(self.sink_col.long(), self.group, rounding_mode="floor").masked_fill(self.sink_col < 0, -1)
+        pinned = (sg.unsqueeze(2) == self.gid.long().unsqueeze(3)).any(-1)  # [B, H, ng]
+        pad = self.ctx.pad_counts(b, self.gid.device).view(-1, 1, 1)
+        all_pad = (self.gid.long() + 1) * self.group <= pad
+        prio = self.gscore.masked_fill(pinned, _BIG).masked_fill(all_pad, -_BIG)
+        keep = prio.topk(keep_n, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, H, keep_n]
+        if bool((pinned.sum(-1) > keep_n).any()):
+            raise RuntimeError(f"layer {self.layer_idx}: more sink groups than the hybrid budget holds")
+        tok = (keep.unsqueeze(-1) * self.group + torch.arange(self.group, device=keep.device)).reshape(b, h, -1)
+
+        def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return t.gather(2, index.view(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:]))
+
+        self.k_codes, self.v_codes = take(self.k_codes, tok), take(self.v_codes, tok)
+        self.v_scale, self.v_zero = take(self.v_scale, tok), take(self.v_zero, tok)
+        self.k_scale, self.k_zero = take(self.k_scale, keep), take(self.k_zero, keep)
+        self.gid, self.gscore = take(self.gid, keep), take(self.gscore, keep)
+        self._check_padding_after_eviction()
+
+    def _check_padding_after_eviction(self) -> None:
+        pad = self.ctx.pad_counts(self.gid.shape[0], self.gid.device)
+        if not bool((pad > 0).any()):
+            return
+        # The shared mask expects exactly max(0, held - real) pads per row, all first.
+        held = self.body_len() + self.win_k.shape[2]
+        expected = (held - (self.seen - pad)).clamp_min(0)
+        cols = (self.gid.long().unsqueeze(-1) * self.group + torch.arange(self.group, device=pad.device)).flatten(2)
+        in_window = (pad - self.win_start).clamp(0, self.win_k.shape[2])
+        pads_held = (cols < pad.view(-1, 1, 1)).sum(-1) + in_window.view(-1, 1)  # [B, H]
+        if bool((pads_held != expected.view(-1, 1)).any()):
+            raise ValueError(
+                "policy='hybrid' evicts whole quantized groups, which cannot keep a left-padded row's real tokens "
+                "aligned with the padding mask when rows differ this much in length; use policy='evict' or "
+                "'quantize' for this batch, or batch prompts of similar length"
+            )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding); only inside the window."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > self.win_k.shape[2]:
+            raise ValueError(
+                f"crop({tokens_to_remove}) reaches past the full-precision window ({self.win_k.shape[2]} tokens): "
+                "quantized tokens cannot be un-quantized"
+            )
+        self.win_k, self.win_v = self.win_k[:, :, :-n], self.win_v[:, :, :-n]
+        self.seen -= n

@@ -1,0 +1,160 @@
+"""Asymmetric integer quantization with real bit-packing (KIVI layout).
+
+Keys are quantized **per channel**: each group of ``group_size`` consecutive tokens shares one
+scale/zero per channel, because key outliers live in fixed channels (KIVI, Liu et al. 2024).
+Values are quantized **per token**: each token's head vector is split into groups of channels.
+
+Codes are packed along the last (head_dim) axis for both, so every token owns whole bytes and
+tokens can be gathered/evicted without touching their neighbours' codes.
+
+Scales and zero points are stored in the model's dtype. They are rounded *outwards* (scale up,
+zero down) before the codes are computed, so the integer grid always covers the group's range and
+the dequantisation error stays within half a step (plus one ulp of the zero point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is a supported width, else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last axis into ``uint8``.
+
+    ``codes``: ``[..., D]`` (any integer dtype); returns ``[..., D * bits // 8]``.
+    """
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:
+        raise ValueError(f"last dim {codes.shape[-1]} is not divisible by {per_byte} ({bits}-bit packing)")
+    c = codes.to(torch.uint8)
+    if per_byte == 1:
+        return c.contiguous()
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per_byte, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=c.device)
+    # Distinct shifts never overlap, so a sum is the same as a bitwise OR.
+    return (c << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., D * bits // 8]`` ``uint8`` -> ``[..., D]`` ``uint8``."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    out = (packed.unsqueeze(-1) >> shifts) & mask
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+def _outward_round(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round scale up and zero down to ``dtype`` so the quantization grid still covers the range."""
+    s = scale.to(dtype)
+    s = torch.where(s.float() < scale, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    z = zero.to(dtype)
+    z = torch.where(z.float() > zero, torch.nextafter(z, torch.full_like(z, float("-inf"))), z)
+    return s, z
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype):
+    qmax = (1 << bits) - 1
+    rng = hi - lo
+    # A constant group (zero range) gets scale 1: every code is 0 and dequantises to exactly `lo`.
+    scale = torch.where(rng > 0, rng / qmax, torch.ones_like(rng))
+    return _outward_round(scale, lo, dtype)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = (1 << bits) - 1
+    return ((x - zero.float()) / scale.float()).round_().clamp_(0, qmax)
+
+
+@dataclass
+class QuantizedKeys:
+    """Keys quantized per channel over token groups.
+
+    codes: ``[B, H, T, D*bits/8]`` uint8; scale/zero: ``[B, H, T/G, D]`` in the model dtype.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+@dataclass
+class QuantizedValues:
+    """Values quantized per token over channel groups.
+
+    codes: ``[B, H, T, D*bits/8]`` uint8; scale/zero: ``[B, H, T, D/Gv]`` in the model dtype.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def quantize_keys(
+    k: torch.Tensor, bits: int, group_size: int, exclude: torch.Tensor | None = None
+) -> QuantizedKeys:
+    """Quantize keys ``[B, H, T, D]`` (T a multiple of ``group_size``) per channel.
+
+    ``exclude``: optional ``[B, H, T]`` bool; excluded tokens (sinks, padding) do not take part in
+    their group's min/max, so one outlier sink key cannot stretch the range for everyone else.
+    Their codes are still written (clamped) but are never used: the caller keeps them elsewhere.
+    """
+    b, h, t, d = k.shape
+    if t % group_size:
+        raise ValueError(f"key block of {t} tokens is not a multiple of group_size={group_size}")
+    x = k.float().reshape(b, h, t // group_size, group_size, d)
+    if exclude is not None:
+        ex = exclude.reshape(b, h, t // group_size, group_size, 1)
+        lo = x.masked_fill(ex, float("inf")).amin(dim=3)
+        hi = x.masked_fill(ex, float("-inf")).amax(dim=3)
+        # Fully excluded channel group: nothing to represent, use an empty range at 0.
+        empty = torch.isinf(lo)
+        lo = lo.masked_fill(empty, 0.0)
+        hi = hi.masked_fill(empty, 0.0)
+    else:
+        lo, hi = x.amin(dim=3), x.amax(dim=3)
+    scale, zero = _scale_zero(lo, hi, bits, k.dtype)
+    codes = _codes(x, scale.unsqueeze(3), zero.unsqueeze(3), bits).reshape(b, h, t, d)
+    return QuantizedKeys(pack(codes, bits), scale, zero)
+
+
+def dequantize_keys(q: QuantizedKeys, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
+    b, h, t, d = out.shape
+    codes = unpack(q.codes, bits).reshape(b, h, t // group_size, group_size, d)
+    res = codes.to(out.dtype) * q.scale.unsqueeze(3) + q.zero.unsqueeze(3)
+    out.copy_(res.reshape(b, h, t, d))
+    return out
+
+
+def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> QuantizedValues:
+    """Quantize values ``[B, H, T, D]`` per token, in groups of ``group_size`` channels."""
+    b, h, t, d = v.shape
+    if d % group_size:
+        raise ValueError(f"head_dim={d} is not divisible by the value group size {group_size}")
+    x = v.float().reshape(b, h, t, d // group_size, group_size)
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    scale, zero = _scale_zero(lo, hi, bits, v.dtype)
+    codes = _codes(x, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(b, h, t, d)
+    return QuantizedValues(pack(codes, bits), scale, zero)
+
+
+def dequantize_values(q: QuantizedValues, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
+    b, h, t, d = out.shape
+    codes = unpack(q.codes, bits).reshape(b, h, t, d // group_size, group_size)
+    res = codes.to(out.dtype) * q.scale.unsqueeze(-1) + q.zero.unsqueeze(-1)
+    out.copy_(res.reshape(b, h, t, d))
+    return out
