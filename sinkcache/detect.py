@@ -160,5 +160,7 @@ def make_auto_sinks(n_first: int, max_sinks: int | None, model: Any, tokenizer: 
     if model is None or not attention_modules(model):
         sel = FirstSinks(n_first)
         sel.name = "auto"  # reported as what the user asked for; behaves as "first" (documented)
+        if max_sinks is not None:
+            sel.max_sinks = max_sinks  # keep the budget check honest about what was asked for
         return sel
     return AutoSinks(n_first=n_first, max_sinks=max_sinks)

@@ -264,10 +264,16 @@ class EvictingLayer(CompressingLayer):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        if n > min(self.policy.window, self.held()):
+        if n > self.seen:
+            raise ValueError(f"crop({tokens_to_remove}): only {self.seen} tokens were seen")
+        # Cropping is exact only if the removed tokens and the window that remains are all still held
+        # (true right after a forward, since compression runs one forward late).
+        m = min(n + self.policy.window, self.seen)
+        expected = torch.arange(self.seen - m, self.seen, device=self.pos.device, dtype=self.pos.dtype)
+        if m > self.held() or not torch.equal(self.pos[:, :, self.held() - m :], expected.expand_as(self.pos[:, :, self.held() - m :])):
             raise ValueError(
-                f"crop({tokens_to_remove}) reaches past the protected window ({self.policy.window} tokens): "
-                "evicted tokens cannot be restored"
+                f"crop({tokens_to_remove}) would need tokens that were already evicted "
+                f"(window={self.policy.window}): evicted tokens cannot be restored"
             )
         self._map_batched(lambda t: t[:, :, :-n])
         self.seen -= n
@@ -500,10 +506,14 @@ class QuantizedLayer(CompressingLayer):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        if n > self.win_k.shape[2]:
+        if n > self.seen:
+            raise ValueError(f"crop({tokens_to_remove}): only {self.seen} tokens were seen")
+        # Exact only while the removed tokens and the window that remains are unquantized
+        # (true right after a forward, since compression runs one forward late).
+        if n + min(self.policy.window, self.seen - n) > self.win_k.shape[2]:
             raise ValueError(
-                f"crop({tokens_to_remove}) reaches past the full-precision window ({self.win_k.shape[2]} tokens): "
-                "quantized tokens cannot be un-quantized"
+                f"crop({tokens_to_remove}) would need tokens that were already quantized "
+                f"(window={self.policy.window}, {self.win_k.shape[2]} exact tokens held)"
             )
         self.win_k, self.win_v = self.win_k[:, :, :-n], self.win_v[:, :, :-n]
         self.seen -= n
