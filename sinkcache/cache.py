@@ -76,7 +76,9 @@ class SinkCache(Cache):
         if self.config is not None:
             super().__init__(layers=[self._make_layer(i, t, kw) for i, (t, kw) in enumerate(_layer_types(self.config))])
         else:
-            super().__init__(layer_class_to_replicate=lambda: self._make_layer(len(self.layers), "full_attention", {}))
+            # Cache calls the factory with no arguments; the index of the layer being added is len(layers).
+            factory = lambda: self._make_layer(len(self.layers), "full_attention", {})  # noqa: E731
+            super().__init__(layer_class_to_replicate=factory)  # type: ignore[arg-type]
 
     # ---- construction -------------------------------------------------------------------------
     def _make_layer(self, idx: int, layer_type: str, kwargs: dict):
@@ -234,7 +236,7 @@ def _layer_types(config) -> list[tuple[str, dict]]:
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n = cfg.num_hidden_layers
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
-    out = []
+    out: list[tuple[str, dict]] = []
     for t in types:
         if t in _FULL_TYPES:
             out.append((t, {}))

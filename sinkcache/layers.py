@@ -37,6 +37,7 @@ from .quant import (
 from .sinks import SinkSelector
 
 _BIG = 1e30  # priority of protected tokens (finite, so topk never sees NaN from inf - inf)
+_EMPTY = torch.empty(0)  # placeholder for storage before the first update (never written to)
 
 
 class CompressingLayer(CacheLayerMixin):
@@ -107,7 +108,7 @@ class CompressingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         for name in self._batched:
-            setattr(self, name, None)
+            setattr(self, name, _EMPTY)
         self.seen = 0
         self.shape = None
         self.is_initialized = False
@@ -115,9 +116,7 @@ class CompressingLayer(CacheLayerMixin):
     # ---- batch operations: every per-row tensor moves together ---------------------------------
     def _map_batched(self, fn) -> None:
         for name in self._batched:
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
+            setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -126,12 +125,14 @@ class CompressingLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._map_batched(lambda t: t[indices.to(t.device)])
-            self.shape = (int(self.__dict__[self._batched[0]].shape[0]), *self.shape[1:])  # type: ignore[misc]
+            assert self.shape is not None
+            self.shape = (int(getattr(self, self._batched[0]).shape[0]), self.shape[1], self.shape[2])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self._map_batched(lambda t: t.repeat_interleave(repeats, dim=0))
-            self.shape = (self.shape[0] * repeats, *self.shape[1:])  # type: ignore[index]
+            assert self.shape is not None
+            self.shape = (self.shape[0] * repeats, self.shape[1], self.shape[2])
 
     def offload(self) -> None:
         if self.is_initialized:
@@ -147,8 +148,7 @@ class CompressingLayer(CacheLayerMixin):
         total = 0
         for name in self._batched:
             t = getattr(self, name)
-            if t is not None:
-                total += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
         return total
 
     def dense_bytes(self) -> int:
@@ -186,13 +186,14 @@ class EvictingLayer(CompressingLayer):
     """
 
     _batched = ("keys", "values", "pos", "score", "sink")
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, policy: EvictPolicy, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1) -> None:
         super().__init__(sinks, ctx, layer_idx)
         self.policy = policy
-        self.pos: torch.Tensor | None = None
-        self.score: torch.Tensor | None = None
-        self.sink: torch.Tensor | None = None
+        self.keys = self.values = _EMPTY
+        self.pos = self.score = self.sink = _EMPTY
         self.marked = 0  # columns < marked have had their sink decision
 
     def _init_storage(self, b: int, h: int, d: int) -> None:
@@ -205,10 +206,10 @@ class EvictingLayer(CompressingLayer):
         self.marked = 0
 
     def held(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.keys.shape[2] if self.is_initialized else 0
 
     def sink_count(self) -> float:
-        return 0.0 if self.sink is None or self.sink.numel() == 0 else float(self.sink.sum(-1).float().mean())
+        return float(self.sink.sum(-1).float().mean()) if self.sink.numel() else 0.0
 
     def held_after_compress(self) -> int:
         return min(self.held(), self.policy.budget)
@@ -299,6 +300,20 @@ class QuantizedLayer(CompressingLayer):
         "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "gid", "gscore",
         "sink_k", "sink_v", "sink_col", "sink_slot", "win_k", "win_v",
     )
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    gid: torch.Tensor
+    gscore: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sink_col: torch.Tensor
+    sink_slot: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
 
     def __init__(
         self, policy: QuantizePolicy, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1
@@ -307,10 +322,11 @@ class QuantizedLayer(CompressingLayer):
         self.policy = policy
         self.bits = policy.bits
         self.group = policy.group_size
-        self.capacity = policy.body_capacity() if isinstance(policy, HybridPolicy) else None
+        self.capacity: int | None = policy.body_capacity() if isinstance(policy, HybridPolicy) else None
         self.win_start = 0
+        self.vgroup = self.group
         for name in self._batched:
-            setattr(self, name, None)
+            setattr(self, name, _EMPTY)
 
     def _init_storage(self, b: int, h: int, d: int) -> None:
         self.vgroup = min(self.group, d)
@@ -345,13 +361,13 @@ class QuantizedLayer(CompressingLayer):
 
     # ---- sizes --------------------------------------------------------------------------------
     def body_len(self) -> int:
-        return 0 if self.k_codes is None else self.k_codes.shape[2]
+        return self.k_codes.shape[2] if self.is_initialized else 0
 
     def held(self) -> int:
-        return 0 if self.win_k is None else self.body_len() + self.win_k.shape[2]
+        return self.body_len() + self.win_k.shape[2] if self.is_initialized else 0
 
     def sink_count(self) -> float:
-        if self.sink_col is None or self.sink_col.numel() == 0:
+        if self.sink_col.numel() == 0:
             return 0.0
         return float((self.sink_col >= 0).sum(-1).float().mean())
 
@@ -368,7 +384,7 @@ class QuantizedLayer(CompressingLayer):
 
     def _flushable(self) -> int:
         """Tokens the next compression moves out of the window (a multiple of the group size)."""
-        if self.win_k is None:
+        if not self.is_initialized:
             return 0
         return max(self.win_k.shape[2] - self.policy.window, 0) // self.group * self.group
 
@@ -377,7 +393,7 @@ class QuantizedLayer(CompressingLayer):
         body = self.body_len() + n
         if self.capacity is not None:
             body = min(body, self.capacity)
-        return body + (0 if self.win_k is None else self.win_k.shape[2] - n)
+        return body + (self.win_k.shape[2] - n if self.is_initialized else 0)
 
     def compress(self) -> None:
         # Each token is quantized exactly once, when it leaves the window; the prompt itself was
@@ -461,6 +477,7 @@ class QuantizedLayer(CompressingLayer):
 
     def _evict_groups(self) -> None:
         """Hybrid: keep the best ``capacity / G`` groups per (row, head); groups holding a sink stay."""
+        assert self.capacity is not None
         keep_n = self.capacity // self.group
         b, h, ng = self.gid.shape
         sg = torch.div(self.sink_col.long(), self.group, rounding_mode="floor").masked_fill(self.sink_col < 0, -1)

@@ -144,7 +144,7 @@ def make_policy(
     unused = sorted(k for k, v in knobs.items() if v is not None and k not in used)
     if unused:
         raise ValueError(f"policy={policy!r} does not use {', '.join(unused)}; it takes: {', '.join(used) or 'nothing'}")
-    kwargs = {k: knobs[k] for k in used if knobs[k] is not None}
+    kwargs: dict[str, int] = {k: v for k in used if (v := knobs[k]) is not None}
     if policy == "full":
         return FullPolicy()
     if policy == "evict":
