@@ -56,6 +56,27 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
+_LUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _lut(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[256, 8 // bits]`` table: the codes packed in each byte value, as floats of ``dtype``."""
+    key = (bits, dtype, device)
+    if key not in _LUTS:
+        byte = torch.arange(256, dtype=torch.uint8, device=device).view(256, 1)
+        _LUTS[key] = unpack(byte, bits).to(dtype)
+    return _LUTS[key]
+
+
+def unpack_float(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unpack straight to floating codes: one table lookup per byte instead of shift/mask/convert."""
+    if bits == 8:
+        return packed.to(dtype)
+    lut = _lut(bits, dtype, packed.device)
+    flat = lut.index_select(0, packed.reshape(-1).to(torch.int32))
+    return flat.view(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+
+
 def _outward_round(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Round scale up and zero down to ``dtype`` so the quantization grid still covers the range."""
     s = scale.to(dtype)
@@ -133,9 +154,9 @@ def quantize_keys(
 def dequantize_keys(q: QuantizedKeys, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
     b, h, t, d = out.shape
-    codes = unpack(q.codes, bits).reshape(b, h, t // group_size, group_size, d)
-    res = codes.to(out.dtype) * q.scale.unsqueeze(3) + q.zero.unsqueeze(3)
-    out.copy_(res.reshape(b, h, t, d))
+    codes = unpack_float(q.codes, bits, out.dtype).view(b, h, t // group_size, group_size, d)
+    # One fused pass writes zero + codes * scale straight into the caller's buffer.
+    torch.addcmul(q.zero.unsqueeze(3), codes, q.scale.unsqueeze(3), out=out.view(b, h, t // group_size, group_size, d))
     return out
 
 
@@ -154,7 +175,6 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> QuantizedVal
 def dequantize_values(q: QuantizedValues, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
     b, h, t, d = out.shape
-    codes = unpack(q.codes, bits).reshape(b, h, t, d // group_size, group_size)
-    res = codes.to(out.dtype) * q.scale.unsqueeze(-1) + q.zero.unsqueeze(-1)
-    out.copy_(res.reshape(b, h, t, d))
+    codes = unpack_float(q.codes, bits, out.dtype).view(b, h, t, d // group_size, group_size)
+    torch.addcmul(q.zero.unsqueeze(-1), codes, q.scale.unsqueeze(-1), out=out.view(b, h, t, d // group_size, group_size))
     return out
