@@ -10,7 +10,6 @@ import argparse
 import inspect
 import textwrap
 
-
 from sinkcache import SinkCache
 from sinkcache.models import load_model
 

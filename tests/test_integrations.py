@@ -29,7 +29,7 @@ def test_device_map_model_keeps_tensors_on_arrival_device(tiny, tmp_path):
         cache = SinkCache(model=m, **kw)
         out = m.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
         assert out.shape == ref.shape
-        for layer, module in zip(cache.layers, m.model.layers):
+        for layer, module in zip(cache.layers, m.model.layers, strict=True):
             dev = next(module.parameters()).device
             stored = getattr(layer, "keys", None) if kw["policy"] in ("full", "evict") else layer.win_k
             assert stored.device == dev
