@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from .context import TokenContext
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
 from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
+from .rope import Rotary
 from .sinks import SINK_MODES, FirstSinks, NoSinks, PunctSinks, SinkSelector, punctuation_token_ids
 
 #: Default cap on sinks per (row, kv-head, layer) for policies that evict.
@@ -30,6 +31,9 @@ class SinkCache(Cache):
         budget: tokens held per layer for ``evict``/``hybrid`` (sinks and window included).
         window: recent tokens kept exact (default 128 for quantization; ``min(256, budget // 2)``
             for eviction).
+        positions: eviction only: ``"true"`` (default) keeps keys at their real positions;
+            ``"shifted"`` re-rotates held keys to contiguous positions (StreamingLLM), for streams
+            longer than the model's context. Needs ``model=``.
         group_size: tokens per key scale group and channels per value group (default 64).
         sinks: ``"auto"`` (default), ``"first"``, ``"punct"``, ``"none"``, or a
             :class:`~sinkcache.sinks.SinkSelector`.
@@ -53,6 +57,7 @@ class SinkCache(Cache):
         budget: int | None = None,
         window: int | None = None,
         group_size: int | None = None,
+        positions: str | None = None,
         sinks: str | SinkSelector = "auto",
         n_first: int = 1,
         max_sinks: int | None = None,
@@ -60,7 +65,9 @@ class SinkCache(Cache):
         tokenizer: Any = None,
         config: Any = None,
     ) -> None:
-        self.policy = make_policy(policy, bits=bits, budget=budget, window=window, group_size=group_size)
+        self.policy = make_policy(
+            policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions
+        )
         self.sink_selector = _make_sinks(self.policy, sinks, n_first, max_sinks, model, tokenizer)
         _check_budget(self.policy, self.sink_selector)
         self.ctx = TokenContext()
@@ -69,6 +76,11 @@ class SinkCache(Cache):
             raise ValueError("pass model= or config=, not both")
         self.config = getattr(model, "config", None) if model is not None else config
         self._hook = None
+        self._rotary = None
+        if isinstance(self.policy, EvictPolicy) and self.policy.positions == "shifted":
+            if model is None:
+                raise ValueError("positions='shifted' needs model= (to re-rotate keys with the model's RoPE)")
+            self._rotary = Rotary.from_model(model, layer_type="full_attention")
         if model is not None:
             self._attach(model)
             if hasattr(self.sink_selector, "attach"):
@@ -90,7 +102,7 @@ class SinkCache(Cache):
         if isinstance(p, FullPolicy):
             return DynamicLayer()
         if isinstance(p, EvictPolicy):
-            return EvictingLayer(p, self.sink_selector, self.ctx, idx)
+            return EvictingLayer(p, self.sink_selector, self.ctx, idx, rotary=self._rotary)
         if isinstance(p, QuantizePolicy):  # HybridPolicy included
             return QuantizedLayer(p, self.sink_selector, self.ctx, idx)
         raise ValueError(f"policy {p!r} has no layer implementation")

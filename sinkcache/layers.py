@@ -34,6 +34,7 @@ from .quant import (
     quantize_keys,
     quantize_values,
 )
+from .rope import Rotary
 from .sinks import SinkSelector
 
 _BIG = 1e30  # priority of protected tokens (finite, so topk never sees NaN from inf - inf)
@@ -189,9 +190,20 @@ class EvictingLayer(CompressingLayer):
     keys: torch.Tensor
     values: torch.Tensor
 
-    def __init__(self, policy: EvictPolicy, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1) -> None:
+    def __init__(
+        self,
+        policy: EvictPolicy,
+        sinks: SinkSelector,
+        ctx: TokenContext,
+        layer_idx: int = -1,
+        rotary: Rotary | None = None,
+    ) -> None:
         super().__init__(sinks, ctx, layer_idx)
         self.policy = policy
+        # positions="shifted": keys are stored un-rotated and re-rotated to contiguous positions each step.
+        self.rotary = rotary
+        if policy.positions == "shifted" and rotary is None:
+            raise ValueError("positions='shifted' needs the model's rotary embedding: pass model= to SinkCache")
         self.keys = self.values = _EMPTY
         self.pos = self.score = self.sink = _EMPTY
         self.marked = 0  # columns < marked have had their sink decision
@@ -221,14 +233,31 @@ class EvictingLayer(CompressingLayer):
         self.compress()
         b, h, q, _ = key_states.shape
         cols = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
-        keys = torch.cat([self.keys, key_states], dim=2)
         values = torch.cat([self.values, value_states], dim=2)
-        self.keys, self.values = keys, values
+        if self.rotary is None:
+            keys = torch.cat([self.keys, key_states], dim=2)
+            self.keys = keys
+        else:
+            keys = self._shifted_keys(key_states, cols)
+        self.values = values
         self.pos = torch.cat([self.pos, cols.view(1, 1, q).expand(b, h, q)], dim=2)
         self.score = torch.cat([self.score, -key_states.float().norm(dim=-1)], dim=2)
         self.sink = torch.cat([self.sink, torch.zeros(b, h, q, dtype=torch.bool, device=keys.device)], dim=2)
         self.seen += q
         return keys, values
+
+    def _shifted_keys(self, key_states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Store the new keys un-rotated; return held keys rotated to the positions just before them."""
+        assert self.rotary is not None
+        b, q = key_states.shape[0], key_states.shape[2]
+        pad = self.ctx.pad_counts(b, key_states.device)
+        true_pos = cols.long().view(1, q) - pad.view(b, 1)  # what generate() gave the model
+        held = self.keys.shape[2]
+        self.keys = torch.cat([self.keys, self.rotary.unrotate(key_states, true_pos)], dim=2)
+        if held == 0:
+            return key_states
+        virt = true_pos[:, :1] - held + torch.arange(held, device=key_states.device).view(1, held)
+        return torch.cat([self.rotary.rotate(self.keys[:, :, :held], virt), key_states], dim=2)
 
     def compress(self) -> None:
         if not self.is_initialized or self.marked == self.seen:

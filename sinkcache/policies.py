@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .quant import check_bits
 
 POLICY_NAMES = ("full", "evict", "quantize", "hybrid")
+POSITION_MODES = ("true", "shifted")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -50,6 +51,10 @@ class FullPolicy(Policy):
 class EvictPolicy(Policy):
     """Keep at most ``budget`` tokens: sinks and the last ``window`` always, the rest by score.
 
+    ``positions="shifted"`` re-rotates held keys to contiguous positions ending at the newest token
+    (StreamingLLM), so query-key distances never exceed the budget and generation can run far past
+    the model's trained context; ``"true"`` (default) keeps each key at its real position.
+
     The score is the negative L2 norm of the key: keys with small norms draw the most attention
     (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
     Compression"). It costs one norm per new token and needs no queries, so it also works when the
@@ -58,11 +63,14 @@ class EvictPolicy(Policy):
 
     budget: int
     window: int = 0
+    positions: str = "true"
     name = "evict"
 
     def __post_init__(self) -> None:
         _check_int("budget", self.budget, 1)
         _check_int("window", self.window, 0)
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions={self.positions!r} is unknown; allowed: {', '.join(POSITION_MODES)}")
         if self.window > self.budget:
             raise ValueError(f"window={self.window} exceeds budget={self.budget}; allowed: window <= budget")
 
@@ -125,26 +133,28 @@ def make_policy(
     budget: int | None = None,
     window: int | None = None,
     group_size: int | None = None,
+    positions: str | None = None,
 ) -> Policy:
     """Build a policy from its name and knobs; knobs a policy does not use must be left unset."""
     if isinstance(policy, Policy):
-        given = {k: v for k, v in dict(bits=bits, budget=budget, window=window, group_size=group_size).items() if v is not None}
+        loose = dict(bits=bits, budget=budget, window=window, group_size=group_size, positions=positions)
+        given = {k: v for k, v in loose.items() if v is not None}
         if given:
             raise ValueError(f"pass knobs inside the policy object, not alongside it: {sorted(given)}")
         return policy
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy={policy!r} is unknown; allowed: {', '.join(POLICY_NAMES)}")
-    knobs = {"bits": bits, "budget": budget, "window": window, "group_size": group_size}
+    knobs = {"bits": bits, "budget": budget, "window": window, "group_size": group_size, "positions": positions}
     used = {
         "full": (),
-        "evict": ("budget", "window"),
+        "evict": ("budget", "window", "positions"),
         "quantize": ("bits", "window", "group_size"),
         "hybrid": ("bits", "budget", "window", "group_size"),
     }[policy]
     unused = sorted(k for k, v in knobs.items() if v is not None and k not in used)
     if unused:
         raise ValueError(f"policy={policy!r} does not use {', '.join(unused)}; it takes: {', '.join(used) or 'nothing'}")
-    kwargs: dict[str, int] = {k: v for k in used if (v := knobs[k]) is not None}
+    kwargs: dict = {k: v for k in used if (v := knobs[k]) is not None}
     if policy == "full":
         return FullPolicy()
     if policy == "evict":
