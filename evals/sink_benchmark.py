@@ -1,0 +1,433 @@
+"""Sink benchmark: perplexity of held-out text through a 2-bit quantizing SinkCache, per sink choice.
+
+Protocol (chunked streaming): each sample is ``--length`` tokens of stdlib-docstring text
+(:mod:`sinkcache.calibration`). It is fed ``--chunk`` tokens per forward through one cache; the
+predictions made from the first chunk are not scored (nothing is compressed yet), every later
+prediction is. Inside a forward the chunk's own tokens are exact; everything older has been
+quantized (``--bits``, KIVI layout, ``--group-size``) except the ``--window`` newest tokens and the
+tokens the sink selector keeps at full precision.
+
+Sink choices (``--configs``):
+
+=================  ============================================================================
+full               no compression (reference)
+none               plain KIVI, no sinks
+first              the first token
+punct              the first token + every punctuation/newline token (``sinks="punct"``)
+auto               the first token + keys measured by ``AutoSinks`` (``--threshold``)
+auto-far           ``auto`` ignoring attention to keys closer than ``--min-distance`` (see below)
+random-matched     the first token + as many *random* tokens as ``auto`` kept, in the same layer,
+                   kv head and block (so equal memory)
+punct-matched      the first token + as many random *punctuation* tokens as ``auto`` kept
+first-window       the first token, window enlarged by auto's mean sinks per (layer, kv head):
+                   the same memory spent on recency instead
+profile            ``ProfileSinks`` with ``--profile`` (default: the shipped profile)
+=================  ============================================================================
+
+``auto-far``  is ``auto`` with the scoring change proposed for ``detect.py``: a query's attention to
+keys closer than ``--min-distance`` positions is left out (within a chunk the last queries' attention
+is mostly local, which marks recent tokens rather than sinks).
+
+``random-matched``/``punct-matched``/``first-window`` replay counts recorded from the latest
+``auto``/``auto-far`` run on the same sample, so one of those must be listed before them.
+
+Calibrating the detector threshold (calibration split only)::
+
+    python evals/sink_benchmark.py --model smollm2-135m --split calibration --samples 6 \\
+        --configs none,first,auto,random-matched --thresholds 0.02,0.05,0.1,0.2,0.3
+
+Evaluating (held-out split)::
+
+    python evals/sink_benchmark.py --model smollm2-135m --split heldout --samples 8 --threshold 0.1
+
+Timing of detection (prefill of ``--length`` tokens, medians of ``--repeats``)::
+
+    python evals/sink_benchmark.py --model smollm2-135m --timing --repeats 5
+
+Writes a JSON file (``--out``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sinkcache import SinkCache
+from sinkcache.calibration import token_chunks
+from sinkcache.detect import DEFAULT_THRESHOLD, AutoSinks, _rope
+from sinkcache.profile import ProfileSinks, load_profile
+from sinkcache.sinks import SinkSelector, punctuation_token_ids
+
+ALL_CONFIGS = (
+    "full", "none", "first", "punct", "auto", "auto-far", "random-matched", "punct-matched", "first-window", "profile",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# selectors used only by the benchmark
+
+
+class RecordingAutoSinks(AutoSinks):
+    """``AutoSinks`` that records how many non-first sinks it marked per (layer, block, kv head)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def mark(self, layer_idx, cols, ctx, keys, attention=None):
+        m = super().mark(layer_idx, cols, ctx, keys, attention)
+        first = self.first_mask(cols, ctx, keys.shape[0]).to(m.device)
+        extra = (m & ~first).expand(keys.shape[0], keys.shape[1], cols.numel()).sum(-1)
+        self.counts[(layer_idx, int(cols[0]), int(cols[-1]))] = extra.cpu()
+        return m
+
+
+def received_attention_far(module, hidden_states, cos, sin, obs_window: int, min_distance: int) -> torch.Tensor:
+    """Like :func:`sinkcache.detect.received_attention`, but a query's attention to keys closer than
+    ``min_distance`` positions is left out of the mean (it measures recency, not sinks).
+
+    Returns ``[B, kv_heads, T]``; keys no observed query sees from far enough get 0.
+    """
+    b, t, _ = hidden_states.shape
+    d = module.head_dim
+    w = min(obs_window, t)
+    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
+    k = module.k_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
+    if getattr(module, "q_norm", None) is not None:
+        q = module.q_norm(q)
+    if getattr(module, "k_norm", None) is not None:
+        k = module.k_norm(k)
+    q = _rope(q, cos[:, -w:], sin[:, -w:])
+    k = _rope(k, cos, sin)
+    hq, hk = q.shape[1], k.shape[1]
+    q = q.view(b, hk, hq // hk, w, d).float()
+    scores = torch.einsum("bgrwd,bgtd->bgrwt", q, k.float()) * module.scaling
+    qpos = torch.arange(t - w, t, device=q.device).view(w, 1)
+    kpos = torch.arange(t, device=q.device).view(1, t)
+    probs = scores.masked_fill(kpos > qpos, float("-inf")).softmax(-1)
+    far = (qpos - kpos >= min_distance).to(probs.dtype)  # [w, T]
+    n = far.sum(0).clamp(min=1)
+    return (probs * far).sum(dim=3).mean(dim=2) / n
+
+
+class FarAutoSinks(RecordingAutoSinks):
+    """``AutoSinks`` scoring with :func:`received_attention_far` (the fix proposed for detect.py)."""
+
+    name = "auto-far"
+
+    def __init__(self, *args, min_distance: int = 16, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_distance = min_distance
+
+    def _make_hook(self, idx, ref):
+        def hook(module, args, kwargs, output):
+            cache = ref()
+            if cache is None or kwargs.get("past_key_values") is not cache:
+                return None
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            pe = kwargs.get("position_embeddings")
+            if hs is None or pe is None or hs.shape[1] < 2:
+                return None
+            with torch.no_grad():
+                att = received_attention_far(module, hs, pe[0], pe[1], self.obs_window, self.min_distance)
+            start = cache.get_seq_length(idx) - hs.shape[1] if idx < len(cache.layers) else 0
+            self.observed[idx] = (start, att)
+            return None
+
+        return hook
+
+
+class MatchedSinks(SinkSelector):
+    """First token(s) + exactly the recorded number of other tokens per (layer, block, kv head),
+    drawn at random from the block (``pool_ids=None``) or from its tokens with ids in ``pool_ids``."""
+
+    needs_ids = True
+
+    def __init__(self, counts: dict, pool_ids=None, seed: int = 0, name: str = "matched") -> None:
+        super().__init__(n_first=1, max_sinks=None)
+        self.counts = counts
+        self.pool_ids = None if pool_ids is None else torch.tensor(sorted(pool_ids), dtype=torch.long)
+        self.seed = seed
+        self.name = name
+        self.shortfall = 0  # sinks the pool could not supply
+
+    def mark(self, layer_idx, cols, ctx, keys, attention=None):
+        b, h, c = keys.shape[0], keys.shape[1], cols.numel()
+        first = self.first_mask(cols, ctx, b).to(keys.device)
+        want = self.counts.get((layer_idx, int(cols[0]), int(cols[-1])))
+        out = first.expand(b, h, c).clone()
+        if want is None:
+            return out
+        pad = ctx.pad_counts(b, cols.device)
+        ids = ctx.ids_at(cols, b)
+        for bi in range(b):
+            ok = (cols >= pad[bi]) & ~first[bi, 0]
+            if self.pool_ids is not None:
+                if ids is None:
+                    return out
+                ok = ok & torch.isin(ids[bi], self.pool_ids)
+            pool = torch.nonzero(ok).flatten()
+            for hi in range(h):
+                k = int(want[bi, hi])
+                if k == 0:
+                    continue
+                g = torch.Generator().manual_seed(self.seed + zlib.crc32(f"{layer_idx}/{int(cols[0])}/{bi}/{hi}".encode()))
+                take = pool[torch.randperm(pool.numel(), generator=g)[:k]]
+                self.shortfall += max(0, k - take.numel())
+                out[bi, hi, take] = True
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def stream_nll(model, ids: torch.Tensor, cache, chunk: int) -> tuple[float, int]:
+    """Summed NLL and count of the predictions made after the first chunk, feeding ``chunk`` tokens per forward."""
+    t = ids.shape[1]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, t, chunk):
+            end = min(start + chunk, t)
+            out = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
+            if start == 0:
+                continue
+            last = min(end, t - 1)  # position p predicts p + 1
+            if last <= start:
+                continue
+            logits = out.logits[0, : last - start].float()
+            target = ids[0, start + 1 : last + 1]
+            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            n += last - start
+    return nll, n
+
+
+def make_cache(kind: str, model, tok, args, state: dict[str, Any]) -> SinkCache:
+    q = dict(policy="quantize", bits=args.bits, window=args.window, group_size=args.group_size)
+    if kind == "full":
+        return SinkCache(policy="full", model=model)
+    if kind == "none":
+        return SinkCache(**q, sinks="none", model=model)
+    if kind == "first":
+        return SinkCache(**q, sinks="first", model=model)
+    if kind == "punct":
+        return SinkCache(**q, sinks="punct", tokenizer=tok, model=model)
+    if kind == "auto":
+        sel = RecordingAutoSinks(threshold=state["threshold"], obs_window=args.obs_window)
+        state["auto_selector"] = sel
+        return SinkCache(**q, sinks=sel, model=model)
+    if kind == "auto-far":
+        sel = FarAutoSinks(threshold=state["threshold"], obs_window=args.obs_window, min_distance=args.min_distance)
+        state["auto_selector"] = sel
+        return SinkCache(**q, sinks=sel, model=model)
+    if kind in ("random-matched", "punct-matched", "first-window"):
+        rec = state.get("auto_selector")
+        if rec is None:
+            raise SystemExit(f"config {kind!r} needs 'auto' earlier in --configs")
+        if kind == "first-window":
+            extra = state["auto_mean_sinks"]
+            return SinkCache(**dict(q, window=args.window + int(round(extra))), sinks="first", model=model)
+        pool = state["punct_ids"] if kind == "punct-matched" else None
+        sel = MatchedSinks(rec.counts, pool_ids=pool, seed=args.seed, name=kind)
+        state[f"{kind}_selector"] = sel
+        return SinkCache(**q, sinks=sel, model=model)
+    if kind == "profile":
+        return SinkCache(**q, sinks=ProfileSinks(state["profile"]), model=model)
+    raise SystemExit(f"unknown config {kind!r}; known: {', '.join(ALL_CONFIGS)}")
+
+
+def _compressed_sinks(cache: SinkCache) -> float:
+    """Mean sinks held per (layer, kv head) over the compressed layers."""
+    st = cache.stats()
+    vals = [v for v, layer in zip(st["sinks_per_layer"], cache.layers, strict=True) if not getattr(layer, "is_sliding", False)]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def run_configs(model, tok, samples: list[list[int]], configs: list[str], args, threshold: float, state: dict) -> dict:
+    state["threshold"] = threshold
+    res: dict[str, dict[str, Any]] = {k: {"nll": 0.0, "n": 0, "memory": [], "dense": [], "sinks": [], "seconds": 0.0} for k in configs}
+    for si, sample in enumerate(samples):
+        ids = torch.tensor([sample])
+        for kind in configs:
+            cache = make_cache(kind, model, tok, args, state)
+            t0 = time.perf_counter()
+            nll, n = stream_nll(model, ids, cache, args.chunk)
+            r = res[kind]
+            r["seconds"] += time.perf_counter() - t0
+            r["nll"] += nll
+            r["n"] += n
+            r["memory"].append(cache.memory_bytes())
+            r["dense"].append(cache.dense_bytes())
+            r["sinks"].append(_compressed_sinks(cache) if kind != "full" else 0.0)
+            if kind in ("auto", "auto-far"):
+                state["auto_mean_sinks"] = max(0.0, r["sinks"][-1] - 1.0)
+            cache.detach()
+            if args.verbose:
+                print(
+                    f"  [{si + 1}/{len(samples)}] {kind:<15} ppl {math.exp(nll / max(n, 1)):8.3f}  "
+                    f"mem {r['memory'][-1] / 2**20:6.2f} MiB  sinks/(layer,head) {r['sinks'][-1]:6.2f}  "
+                    f"{time.perf_counter() - t0:5.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    out = {}
+    for kind, r in res.items():
+        out[kind] = {
+            "ppl": round(math.exp(r["nll"] / max(r["n"], 1)), 4),
+            "nll": round(r["nll"] / max(r["n"], 1), 5),
+            "tokens_scored": r["n"],
+            "memory_bytes": int(statistics.mean(r["memory"])),
+            "dense_bytes": int(statistics.mean(r["dense"])),
+            "sinks_per_layer_head": round(statistics.mean(r["sinks"]), 3),
+            "seconds": round(r["seconds"], 1),
+        }
+        if kind in ("random-matched", "punct-matched"):
+            out[kind]["shortfall"] = state[f"{kind}_selector"].shortfall
+    return out
+
+
+def table(rows: dict[str, dict[str, Any]], ref: str | None = "first") -> str:
+    lines = [
+        "| config | ppl | Δ vs first | memory (MiB) | vs none | sinks / (layer, kv head) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base_mem = rows.get("none", {}).get("memory_bytes")
+    ref_ppl = rows.get(ref, {}).get("ppl") if ref else None
+    for kind, r in rows.items():
+        d = f"{r['ppl'] - ref_ppl:+.3f}" if ref_ppl is not None else ""
+        rel = f"{r['memory_bytes'] / base_mem:.3f}x" if base_mem else ""
+        lines.append(
+            f"| {kind} | {r['ppl']:.3f} | {d} | {r['memory_bytes'] / 2**20:.3f} | {rel} | {r['sinks_per_layer_head']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def timing(model, tok, args, profile) -> dict[str, Any]:
+    """Prefill time of one ``--length``-token prompt (then one decode step that runs compression)."""
+    ids = torch.tensor([token_chunks(tok, "heldout", args.length, n=1)[0]])
+    q = dict(policy="quantize", bits=args.bits, window=args.window, group_size=args.group_size)
+    makers = {
+        "first": lambda: SinkCache(**q, sinks="first", model=model),
+        "auto": lambda: SinkCache(**q, sinks=AutoSinks(threshold=args.threshold, obs_window=args.obs_window), model=model),
+        "punct": lambda: SinkCache(**q, sinks="punct", tokenizer=tok, model=model),
+        "profile": lambda: SinkCache(**q, sinks=ProfileSinks(profile), model=model),
+    }
+    times: dict[str, list[float]] = {k: [] for k in makers}
+    with torch.no_grad():
+        model(input_ids=ids[:, :64])  # warm-up
+        for _ in range(args.repeats):
+            for k, mk in makers.items():  # interleaved, so load changes hit all configs alike
+                cache = mk()
+                t0 = time.perf_counter()
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # runs the pending compression
+                times[k].append(time.perf_counter() - t0)
+                cache.detach()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "tokens": int(ids.shape[1]),
+        "threads": torch.get_num_threads(),
+        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "slowdown_vs_first": {k: round(v / med["first"], 3) for k, v in med.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="heldout", choices=("calibration", "heldout"))
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--skip-samples", type=int, default=0, help="start at this sample of the split")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--thresholds", default=None, help="comma list: sweep auto (and matched configs) over these")
+    p.add_argument("--obs-window", type=int, default=32)
+    p.add_argument("--min-distance", type=int, default=16, help="auto-far: ignore attention to keys this close")
+    p.add_argument("--configs", default="full,none,first,punct,auto,random-matched,punct-matched,first-window,profile")
+    p.add_argument("--profile", default=None, help="profile JSON (default: the shipped one for --model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is; 1 is fastest on a shared box)")
+    p.add_argument("--timing", action="store_true", help="measure detection cost instead")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    p.add_argument("--verbose", "-v", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from sinkcache.models import load_model
+
+    model, tok = load_model(args.model, progress=False)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    profile = None
+    if "profile" in configs or args.timing:
+        try:
+            profile = load_profile(args.profile or args.model)
+        except ValueError as exc:
+            if args.timing:
+                raise
+            print(f"note: no profile ({exc}); skipping 'profile'", file=sys.stderr)
+            configs = [c for c in configs if c != "profile"]
+    result: dict[str, Any] = {
+        "model": args.model,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("verbose", "out")},
+        "torch": torch.__version__,
+    }
+    if args.timing:
+        result["timing"] = timing(model, tok, args, profile)
+        print(json.dumps(result["timing"], indent=1))
+    else:
+        n_total = args.samples + args.skip_samples
+        samples = token_chunks(tok, args.split, args.length, n=n_total)[args.skip_samples :]
+        if len(samples) < args.samples:
+            print(f"note: only {len(samples)} samples available", file=sys.stderr)
+        state: dict[str, Any] = {"profile": profile}
+        if "punct-matched" in configs:
+            state["punct_ids"] = punctuation_token_ids(tok)
+        result["samples"] = len(samples)
+        if args.thresholds:
+            sweep = {}
+            fixed = [c for c in configs if c in ("full", "none", "first", "punct", "profile")]
+            varying = [c for c in configs if c not in fixed]
+            if fixed:
+                sweep["fixed"] = run_configs(model, tok, samples, fixed, args, args.threshold, state)
+                print(table(sweep["fixed"]), flush=True)
+            for th in [float(x) for x in args.thresholds.split(",")]:
+                sweep[str(th)] = run_configs(model, tok, samples, varying, args, th, state)
+                rows = dict(sweep.get("fixed", {}))
+                rows.update(sweep[str(th)])
+                print(f"\nthreshold {th}\n" + table(rows), flush=True)
+            result["sweep"] = sweep
+        else:
+            result["results"] = run_configs(model, tok, samples, configs, args, args.threshold, state)
+            print(table(result["results"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

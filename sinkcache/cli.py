@@ -1,0 +1,586 @@
+"""The ``sinkcache`` command line: ``generate`` and ``demo`` (more subcommands can plug in).
+
+Each subcommand is one ``_add_<name>`` function that builds its parser and one ``_cmd_<name>``
+function that runs it; :data:`_COMMANDS` lists them, so adding ``eval``/``bench``/... later means
+adding two functions and one entry.
+
+Errors a user can fix (bad options, missing models) are printed as one ``sinkcache: error: ...``
+line with exit status 2; set ``SINKCACHE_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._console import format_bytes, format_stats, format_table, shorten
+
+PROG = "sinkcache"
+DEBUG_ENV = "SINKCACHE_DEBUG"
+
+POLICIES = ("full", "evict", "quantize", "hybrid")
+SINK_MODES = ("auto", "first", "punct", "none")
+BITS = (2, 4, 8)
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
+
+
+def _wrap(text: str, width: int = 78) -> str:
+    """Fill each paragraph of a description (RawDescriptionHelpFormatter keeps our paragraphs)."""
+    return "\n\n".join(textwrap.fill(" ".join(par.split()), width) for par in text.split("\n\n"))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show ``(default: X)`` for every option, except where ``None`` means "the policy decides"
+    (those options spell their effective default out in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _dtype(text: str) -> str:
+    if text.strip().lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unsupported dtype {text!r}; allowed: {', '.join(DTYPES)}")
+    return text.strip().lower()
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", type=_dtype, default="float32", metavar="DTYPE", help=f"model dtype: {', '.join(DTYPES)}"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=(
+            "CPU threads for torch (default: torch's choice, one per core); on a busy machine "
+            "--threads 1 can be several times faster than threads fighting for cores"
+        ),
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads for the duration of a command, then restore the old count
+    (main() may run inside a longer-lived process, such as a test session)."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from .models import list_aliases
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text with a compressed KV cache and print the cache statistics",
+        description=_wrap(
+            "Generate a continuation of PROMPT with MODEL, keeping the KV cache compressed with the "
+            "chosen policy. The text goes to stdout; cache statistics and speed go to stderr."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"built-in alias ({', '.join(list_aliases())}), path to a .gguf file, local checkpoint dir or hub id",
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads it from stdin)")
+    g = p.add_argument_group("cache")
+    g.add_argument("--policy", choices=POLICIES, default="quantize", help="how the KV cache is compressed")
+    g.add_argument(
+        "--bits",
+        type=int,
+        choices=BITS,
+        default=None,
+        help="quantization width for quantize/hybrid (default: 4)",
+    )
+    g.add_argument(
+        "--budget",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens kept per layer, sinks and window included; required by evict/hybrid (default: none)",
+    )
+    g.add_argument(
+        "--window",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="recent tokens kept exact (default: 128 for quantize/hybrid, min(256, budget // 2) for evict)",
+    )
+    g.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens per quantization group for quantize/hybrid (default: 64)",
+    )
+    g.add_argument(
+        "--sinks",
+        choices=SINK_MODES,
+        default="auto",
+        help="attention-sink tokens kept exact: measured (auto), the first N (first), punctuation (punct) or none",
+    )
+    g.add_argument(
+        "--n-first",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="leading tokens that always count as sinks",
+    )
+    d = p.add_argument_group("decoding")
+    d.add_argument(
+        "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate at most"
+    )
+    d.add_argument(
+        "--chat", action="store_true", help="wrap PROMPT as a user message with the tokenizer's chat template"
+    )
+    d.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    d.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    d.add_argument(
+        "--temperature",
+        type=_positive_float,
+        default=None,
+        metavar="T",
+        help="sampling temperature, needs --sample (default: 1.0)",
+    )
+    d.add_argument(
+        "--top-p",
+        type=_probability,
+        default=None,
+        metavar="P",
+        help="nucleus sampling mass, needs --sample (default: 1.0)",
+    )
+    d.add_argument("--seed", type=int, default=0, metavar="N", help="random seed for --sample")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cache_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """SinkCache knobs from the options; unset ones are left out (the policy's defaults apply,
+    and SinkCache rejects knobs a policy does not use, e.g. --bits with evict)."""
+    kw: dict[str, Any] = {"policy": args.policy, "sinks": args.sinks, "n_first": args.n_first}
+    for name in ("bits", "budget", "window", "group_size"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    return kw
+
+
+def _check_cache_options(kw: dict[str, Any]) -> None:
+    """Raise SinkCache's own ValueError for bad knobs *before* the (slow) model load.
+
+    A cache built without a model runs every argument check; "punct" needs the tokenizer, so it
+    is probed as "auto", which gets the same sink cap (the budget check depends only on that).
+    """
+    from . import SinkCache
+
+    probe = dict(kw)
+    if probe.get("sinks") == "punct":
+        probe["sinks"] = "auto"
+    SinkCache(**probe)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise ValueError("--temperature and --top-p need --sample")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    kw = _cache_kwargs(args)
+    _check_cache_options(kw)
+
+    import torch
+    from transformers import TextStreamer
+
+    from . import SinkCache
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    inputs = _encode(tok, prompt, chat=args.chat, model_name=args.model)
+    cache = SinkCache(**kw, model=model, tokenizer=tok)
+    gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+    if args.sample:
+        torch.manual_seed(args.seed)
+        gen["temperature"] = args.temperature if args.temperature is not None else 1.0
+        gen["top_p"] = args.top_p if args.top_p is not None else 1.0
+    if args.stream:
+        gen["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    new_ids, seconds = _generate(model, inputs, cache, gen)
+    if not args.stream:
+        print(tok.decode(new_ids, skip_special_tokens=True).strip())
+    sys.stdout.flush()
+    n_prompt = int(inputs["input_ids"].shape[1])
+    print(
+        f"\n[{len(new_ids)} new tokens after a {n_prompt}-token prompt in {seconds:.1f} s, "
+        f"{len(new_ids) / seconds:.1f} tokens/s (prefill included)]",
+        file=sys.stderr,
+    )
+    print(format_stats(cache.stats()), file=sys.stderr)
+    return 0
+
+
+def _encode(tok: Any, prompt: str, *, chat: bool, model_name: str) -> Any:
+    """Tokenize ``prompt`` (as one user chat message when ``chat``) into model inputs."""
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{model_name!r} has no chat template (a base model?); drop --chat")
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    return tok(prompt, return_tensors="pt")
+
+
+def _generate(model: Any, inputs: Any, cache: Any, gen: dict[str, Any]) -> tuple[list[int], float]:
+    """Run ``model.generate`` with ``cache``; return the new token ids and the wall time."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, past_key_values=cache, **gen)
+    seconds = time.perf_counter() - start
+    return out[0, inputs["input_ids"].shape[1] :].tolist(), seconds
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="compare cache policies on one long prompt (full, StreamingLLM, 2-bit, sink-aware)",
+        description=_wrap(
+            "Build a long made-up report with one question about a fact buried in it, answer it "
+            "greedily with five KV caches, and print memory, compression ratio, agreement with the "
+            "full cache, speed and the start of each answer.\n\n"
+            "rows: full cache; StreamingLLM-style eviction (first 4 tokens as sinks); plain 2-bit "
+            "quantization (no sinks); sink-aware eviction (measured sinks); sink-aware 2-bit quantization."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model alias, .gguf path, checkpoint dir or hub id"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=48, metavar="N", help="tokens generated per policy"
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=_int_at_least(32),
+        default=1200,
+        metavar="N",
+        help="approximate prompt length in tokens",
+    )
+    p.add_argument(
+        "--budget",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="tokens kept per layer by the eviction rows",
+    )
+    p.add_argument(
+        "--window",
+        type=_non_negative_int,
+        default=192,
+        metavar="N",
+        help="recent tokens always kept by the eviction rows",
+    )
+    p.add_argument("--bits", type=int, choices=BITS, default=2, help="width of the quantization rows")
+    p.add_argument(
+        "--quant-window",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="recent tokens kept exact by the quantization rows (default: 128)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens per quantization group in the quantization rows (default: 64)",
+    )
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+@dataclass(frozen=True)
+class DemoPrompt:
+    """The demo's long prompt: report text, the question, and the fact that answers it."""
+
+    report: str
+    question: str
+    answer: str
+
+
+_TOWNS = ("Ashford", "Belden", "Corvin", "Dunmore", "Elston", "Farrow", "Glenhaven", "Harlow", "Istvan Bay")
+_PEOPLE = ("Ada Kessler", "Bruno Maalouf", "Chiara Lind", "Dmitri Ostrov", "Elena Voss", "Farid Nasser")
+_PRODUCTS = (
+    "tableware",
+    "lamp shades",
+    "window panes",
+    "laboratory flasks",
+    "mosaic tiles",
+    "perfume bottles",
+)
+
+
+def build_demo_prompt(tok: Any, target_tokens: int, chat: bool = True) -> tuple[DemoPrompt, Any]:
+    """A deterministic made-up annual report of roughly ``target_tokens`` tokens, plus a question.
+
+    The fact the question asks about sits about a third of the way in, so eviction
+    policies have to keep (or lose) it while the rest of the report streams past.
+    Returns the prompt parts and the tokenized model inputs.
+    """
+    rng = random.Random(1234)  # same report on every run and machine
+    # A fact unlike the yearly figures around it, so that a 135M model can retrieve it with a full
+    # cache (a town name, like the warehouses', gets confused with them).
+    fact = "The cooperative's mascot is a green parrot called Captain Pickles."
+    question = "What is the name of the cooperative's mascot? Reply with the name only."
+    paragraphs: list[str] = []
+    year = 2003
+    while True:
+        paragraphs.append(
+            f"In {year}, the Veltrana Glassworks Cooperative sold {rng.randint(1200, 9800):,} crates of "
+            f"{rng.choice(_PRODUCTS)} through its warehouse in {rng.choice(_TOWNS)}. The workshop was led by "
+            f"{rng.choice(_PEOPLE)}, who introduced {rng.randint(2, 9)} new colours and trained "
+            f"{rng.randint(10, 60)} apprentices. Energy costs rose by {rng.randint(2, 19)} percent, and the "
+            f"board approved {rng.randint(100, 900)} thousand euros for repairs."
+        )
+        year += 1
+        parts = paragraphs[:]
+        parts.insert(len(parts) // 3, fact)
+        report = "Annual reports of the Veltrana Glassworks Cooperative\n\n" + "\n\n".join(parts)
+        prompt = DemoPrompt(report=report, question=question, answer="Captain Pickles")
+        inputs = _demo_inputs(tok, prompt, chat)
+        if inputs["input_ids"].shape[1] >= target_tokens:
+            return prompt, inputs
+
+
+def _demo_inputs(tok: Any, prompt: DemoPrompt, chat: bool) -> Any:
+    text = (
+        f"Read the report below, then answer the question.\n\n{prompt.report}\n\nQuestion: {prompt.question}"
+    )
+    if chat and getattr(tok, "chat_template", None):
+        return _encode(tok, text, chat=True, model_name="")
+    return tok(text + "\nAnswer:", return_tensors="pt")
+
+
+def demo_configs(
+    budget: int, window: int, bits: int, quant_window: int | None = None, group_size: int | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The five ``(row label, SinkCache kwargs)`` the demo compares, full cache first.
+
+    ``quant_window``/``group_size`` default to SinkCache's own defaults (128/64) when ``None``.
+    """
+    quant = {"policy": "quantize", "bits": bits}
+    if quant_window is not None:
+        quant["window"] = quant_window
+    if group_size is not None:
+        quant["group_size"] = group_size
+    return [
+        ("full cache", {"policy": "full"}),
+        (
+            "evict, first 4 sinks (StreamingLLM)",
+            {"policy": "evict", "sinks": "first", "n_first": 4, "budget": budget, "window": window},
+        ),
+        (f"{bits}-bit, no sinks", {**quant, "sinks": "none"}),
+        ("evict, auto sinks", {"policy": "evict", "sinks": "auto", "budget": budget, "window": window}),
+        (f"{bits}-bit, auto sinks", {**quant, "sinks": "auto"}),
+    ]
+
+
+def agreement(tokens: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
+    """``(prefix, overall)`` agreement of ``tokens`` with ``reference``.
+
+    prefix: positions equal before the first divergence, over the longer length;
+    overall: positions equal anywhere, over the longer length (a shorter answer counts
+    its missing positions as disagreements).
+    """
+    n = max(len(tokens), len(reference))
+    if n == 0:
+        return 1.0, 1.0
+    prefix = 0
+    for a, b in zip(tokens, reference, strict=False):
+        if a != b:
+            break
+        prefix += 1
+    same = sum(a == b for a, b in zip(tokens, reference, strict=False))
+    return prefix / n, same / n
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    configs = demo_configs(args.budget, args.window, args.bits, args.quant_window, args.group_size)
+    for _, kw in configs:  # fail on bad sizes before loading anything
+        _check_cache_options(kw)
+
+    from tqdm.auto import tqdm
+
+    from . import SinkCache
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    prompt, inputs = build_demo_prompt(tok, args.prompt_tokens)
+    n_prompt = int(inputs["input_ids"].shape[1])
+    print(f"model: {args.model} ({args.dtype}); prompt: {n_prompt} tokens; question: {prompt.question}")
+    print(
+        f"the report says: {prompt.answer!r}; generating up to {args.max_new_tokens} tokens greedily per policy"
+    )
+    if args.budget >= n_prompt:
+        print(
+            f"note: --budget {args.budget} >= prompt length {n_prompt}: the eviction rows evict nothing",
+            file=sys.stderr,
+        )
+
+    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    results = []
+    for label, kw in tqdm(configs, desc="policies", unit="policy", file=sys.stderr):
+        cache = SinkCache(**kw, model=model, tokenizer=tok)
+        new_ids, seconds = _generate(model, inputs, cache, gen)
+        results.append((label, cache.memory_bytes(), new_ids, seconds))
+        cache.detach()  # drop the model hooks now rather than at garbage collection
+
+    full_bytes, reference = results[0][1], results[0][2]
+    rows = []
+    for label, mem, new_ids, seconds in results:
+        prefix, overall = agreement(new_ids, reference)
+        text = tok.decode(new_ids, skip_special_tokens=True)
+        rows.append(
+            [
+                label,
+                format_bytes(mem),
+                f"{full_bytes / mem:.2f}x" if mem else "-",
+                f"{prefix:.2f}",
+                f"{overall:.2f}",
+                f"{len(new_ids) / seconds:.1f}",
+                "yes" if prompt.answer.lower() in text.lower() else "no",
+                repr(shorten(text, 70)),
+            ]
+        )
+    print()
+    print(
+        format_table(
+            ["policy", "KV bytes", "ratio", "prefix", "overall", "tok/s", "right?", "answer"],
+            rows,
+            align="lrrrrrll",
+        )
+    )
+    print(
+        "\nratio: full-cache bytes / bytes; prefix/overall: agreement of the generated tokens with the "
+        "full cache (up to the first divergence / at all positions); tok/s includes the prefill; "
+        f"right?: the answer names {prompt.answer}."
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+#: Parser builders of every subcommand, in --help order.
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sinkcache`` argument parser with all subcommands."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Sink-aware KV-cache compression for Hugging Face transformers.",
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options. Set {DEBUG_ENV}=1 for tracebacks.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage or runtime error, 130 Ctrl-C)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors; keep main() returning an int
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        with _torch_threads(getattr(args, "threads", None)):
+            return int(args.func(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,850 @@
+"""lm-evaluation-harness integration: the ``sinkcache`` model and :func:`run_eval`.
+
+Importing this module registers an lm-eval model called ``sinkcache`` (lm-eval has no plugin entry
+point, so the ``lm_eval`` command only knows it when something imports this module). Three ways in:
+
+* Python: ``import sinkcache.evaluation`` then ``lm_eval.simple_evaluate(model="sinkcache", ...)``,
+  or simply :func:`run_eval`.
+* Command line: ``python -m sinkcache.evaluation --model sinkcache --model_args
+  pretrained=smollm2-135m,policy=quantize,bits=2 --tasks sinkcache_suite --limit 20`` accepts every
+  ``lm_eval`` option; it registers the model and adds ``--include_path evals/tasks`` (the offline
+  suite) unless you pass your own.
+* Data parallel: ``accelerate launch -m sinkcache.evaluation --model sinkcache ...``.
+
+:class:`SinkCacheLM` subclasses lm-eval's ``HFLM`` and routes every request through a fresh
+:class:`~sinkcache.SinkCache`:
+
+* ``loglikelihood`` / ``multiple_choice``: the context (all but its last token) is prefilled into
+  the cache, compressed (``cache.compress()``), and the continuation is scored in a second forward
+  against the compressed cache. Requests that share a context share one prefill.
+* ``loglikelihood_rolling`` (perplexity): the text is streamed through one cache in chunks of
+  ``chunk_size`` tokens, compressing after every chunk.
+* ``generate_until``: the context is prefilled and compressed the same way, then ``generate``
+  continues from the compressed cache, which keeps compressing while it decodes.
+
+Left-padded batches give the same answers as batch size 1 (the cache is given ``model=`` so it sees
+the padding mask); for quantizing policies, rows are only batched together when their padding is a
+whole number of quantization groups, so every row's groups hold the same tokens as unbatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+# Import the built-in model table first: lm-eval only auto-imports it when its registry is empty,
+# so registering ours first would hide "hf", "vllm", ... from get_model().
+import lm_eval.models  # noqa: F401  (side effect: registers the lazy built-in models)
+import torch
+import torch.nn.functional as F
+import transformers
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from . import __version__
+from .cache import SinkCache
+from .policies import HybridPolicy, QuantizePolicy, make_policy
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SinkCacheLM",
+    "run_eval",
+    "print_report",
+    "default_tasks_dir",
+    "task_manager",
+    "CACHE_ARG_NAMES",
+    "main",
+]
+
+#: Model arguments that configure the cache (everything else goes to ``HFLM``).
+CACHE_ARG_NAMES = ("policy", "bits", "budget", "window", "group_size", "sinks", "n_first", "max_sinks")
+
+#: Environment variable naming the offline task folder (default: ``evals/tasks`` of this checkout).
+TASKS_ENV = "SINKCACHE_EVAL_TASKS"
+
+
+def default_tasks_dir() -> Path:
+    """The offline task suite: ``$SINKCACHE_EVAL_TASKS`` or ``evals/tasks`` next to this package."""
+    env = os.environ.get(TASKS_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return (Path(__file__).resolve().parent.parent / "evals" / "tasks").resolve()
+
+
+def task_manager(include_path: str | Path | Sequence[str | Path] | None = None, **kwargs: Any):
+    """An lm-eval ``TaskManager`` that also knows the offline suite (``sinkcache_*`` tasks)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is None:
+        include_path = default_tasks_dir()
+    paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    for p in paths:
+        if not Path(p).is_dir():
+            raise FileNotFoundError(
+                f"task folder {p} does not exist; point ${TASKS_ENV} (or include_path=) at sinkcache's evals/tasks"
+            )
+    return TaskManager(include_path=[str(p) for p in paths], **kwargs)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _none(value: Any) -> Any:
+    """lm-eval passes model_args as strings ("none" becomes None already); treat "" as None too."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+        return None
+    return value
+
+
+def _opt_int(name: str, value: Any) -> int | None:
+    value = _none(value)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be an integer") from None
+    if as_int != value and str(as_int) != str(value).strip():
+        raise ValueError(f"{name}={value!r} must be an integer")
+    return as_int
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None or str(device).strip().lower() in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device=%s requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return device
+
+
+class _KVLog:
+    """Per-request KV-cache footprint: bytes held vs. what a full (``DynamicCache``) cache holds."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, float, float]] = []  # (task, request type, memory, dense)
+
+    def add(self, task: str, kind: str, memory: float, dense: float, n: int = 1) -> None:
+        self.records.extend([(task, kind, float(memory), float(dense))] * n)
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    @staticmethod
+    def _summary(records: Sequence[tuple[str, str, float, float]]) -> dict[str, Any]:
+        n = len(records)
+        mem = sum(r[2] for r in records) / n if n else 0.0
+        dense = sum(r[3] for r in records) / n if n else 0.0
+        return {
+            "requests": n,
+            "mean_memory_bytes": mem,
+            "mean_dense_bytes": dense,
+            "ratio_vs_full": (mem / dense) if dense else 1.0,
+            "compression": (dense / mem) if mem else 1.0,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        out = self._summary(self.records)
+        per_task: dict[str, list] = defaultdict(list)
+        for r in self.records:
+            per_task[r[0]].append(r)
+        out["per_task"] = {t: self._summary(rs) for t, rs in sorted(per_task.items())}
+        return out
+
+
+# --------------------------------------------------------------------------------------- the model
+
+
+@register_model("sinkcache")
+class SinkCacheLM(HFLM):
+    """lm-eval ``HFLM`` whose every request runs through a fresh, compressing :class:`SinkCache`.
+
+    Args:
+        pretrained: a sinkcache alias (``smollm2-135m``), a GGUF file, a local checkpoint dir or a
+            Hub id (all resolved by :func:`sinkcache.models.load_model`), or a loaded model object
+            (then pass ``tokenizer=`` too).
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks: the cache
+            (see :class:`~sinkcache.SinkCache`). ``policy="full"`` keeps everything and is the
+            reference.
+        chunk_size: tokens per forward when streaming text for perplexity
+            (``loglikelihood_rolling``).
+        dtype, attn_implementation: passed to ``load_model``.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ... (default: CUDA when available). Under
+            ``accelerate launch`` each process uses its own device.
+        tokenizer: a tokenizer object or path (default: the model's).
+        batch_size: requests per forward (an int; ``auto`` means 1). On CPU, 1 is fastest.
+        **kwargs: other ``HFLM`` arguments (``max_length``, ``add_bos_token``, ``prefix_token_id``,
+            ``think_end_token``, ...).
+
+    After a run, :attr:`kv_memory` holds the mean bytes per request that the caches held and what
+    a full cache would have held (also reported in lm-eval's results under ``config.sinkcache``).
+    """
+
+    def __init__(
+        self,
+        pretrained: Any = "smollm2-135m",
+        *,
+        policy: str = "full",
+        bits: int | None = None,
+        budget: int | None = None,
+        window: int | None = None,
+        group_size: int | None = None,
+        sinks: str = "auto",
+        n_first: int = 1,
+        max_sinks: int | None = None,
+        chunk_size: int = 128,
+        dtype: str | torch.dtype = "float32",
+        attn_implementation: str | None = None,
+        device: str | None = None,
+        tokenizer: Any = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = 64,
+        **kwargs: Any,
+    ) -> None:
+        cache_kwargs = {
+            "policy": str(_none(policy) or "full"),
+            "bits": _opt_int("bits", bits),
+            "budget": _opt_int("budget", budget),
+            "window": _opt_int("window", window),
+            "group_size": _opt_int("group_size", group_size),
+            "sinks": str(_none(sinks) or "auto"),
+            "n_first": _opt_int("n_first", n_first) if _none(n_first) is not None else 1,
+            "max_sinks": _opt_int("max_sinks", max_sinks),
+        }
+        # Fail on bad policy knobs before loading anything; the full cache is checked once loaded.
+        make_policy(
+            cache_kwargs["policy"],
+            bits=cache_kwargs["bits"],
+            budget=cache_kwargs["budget"],
+            window=cache_kwargs["window"],
+            group_size=cache_kwargs["group_size"],
+        )
+        chunk = _opt_int("chunk_size", chunk_size)
+        if chunk is None or chunk < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+        for unsupported in ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel"):
+            if kwargs.get(unsupported):
+                raise ValueError(f"model '{self._name()}' does not support {unsupported}=")
+            kwargs.pop(unsupported, None)
+        for ignored in ("revision", "trust_remote_code", "use_fast_tokenizer", "gguf_file", "subfolder", "backend"):
+            if kwargs.pop(ignored, None) not in (None, False, "", "main", "default", True):
+                logger.warning("sinkcache model: %s= is ignored (the model is loaded by sinkcache.models)", ignored)
+
+        accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator, InitProcessGroupKwargs
+
+            accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
+            device = str(accelerator.device)
+        device = _resolve_device(device)
+
+        if isinstance(pretrained, str):
+            from .models import load_model
+
+            model, tok = load_model(
+                pretrained,
+                dtype=dtype,
+                attn_implementation=_none(attn_implementation),
+                progress=accelerator is None or accelerator.is_local_main_process,
+            )
+            model.to(device)
+            name = pretrained
+        else:
+            model, tok = pretrained, None
+            name = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
+        if tokenizer is not None:
+            if isinstance(tokenizer, str):
+                tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
+            else:
+                tok = tokenizer
+        if tok is None:
+            raise ValueError("pass tokenizer= when pretrained= is a model object")
+        model.eval()
+
+        bs = batch_size
+        if isinstance(bs, str) and bs.startswith("auto"):
+            logger.warning("sinkcache model: batch_size=%s is not supported; using 1", bs)
+            bs = 1
+        with _quiet_hflm_init():
+            super().__init__(
+                pretrained=model,
+                tokenizer=tok,
+                batch_size=int(bs or 1),
+                max_batch_size=max_batch_size,
+                **kwargs,
+            )
+        self.pretrained = name
+        self.cache_kwargs = cache_kwargs
+        self.chunk_size = chunk
+        self.kv_log = _KVLog()
+        self._task = "?"
+        if accelerator is not None and accelerator.num_processes > 1:
+            self.accelerator = accelerator
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+        self.make_cache().detach()  # validate sinks/max_sinks/budget against this model and tokenizer
+
+    @staticmethod
+    def _name() -> str:
+        return "sinkcache"
+
+    # ---- cache ------------------------------------------------------------------------------------
+    def make_cache(self) -> SinkCache:
+        """A fresh cache for one request (or one batch), attached to the model."""
+        if self.cache_kwargs["policy"] == "full":
+            # Nothing is compressed, so no sink can matter: skip the attention-observing hooks that
+            # sinks="auto" would install (they cost a few percent of every forward).
+            return SinkCache("full", sinks="none", model=self.model)
+        return SinkCache(**self.cache_kwargs, model=self.model, tokenizer=self.tokenizer)
+
+    def _pad_quantum(self) -> int:
+        """Rows are batched only when their left padding is a multiple of this (see module doc)."""
+        policy = self.make_policy()
+        if isinstance(policy, (QuantizePolicy, HybridPolicy)):
+            return policy.group_size
+        return 1
+
+    def make_policy(self):
+        kw = self.cache_kwargs
+        return make_policy(kw["policy"], bits=kw["bits"], budget=kw["budget"], window=kw["window"], group_size=kw["group_size"])
+
+    def _record(self, cache: SinkCache, rows: int, kind: str) -> None:
+        mem = cache.memory_bytes()  # runs pending compression first
+        dense = cache.dense_bytes()
+        self.kv_log.add(self._task, kind, mem / rows, dense / rows, n=rows)
+
+    @property
+    def kv_memory(self) -> dict[str, Any]:
+        """Mean KV bytes per request held by the caches and by a full cache, overall and per task."""
+        out = self.kv_log.summary()
+        out["cache"] = dict(self.cache_kwargs)
+        return out
+
+    @contextlib.contextmanager
+    def _forward_ctx(self):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            yield
+
+    def _prefill(self, cache: SinkCache, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Feed ``ids`` ``[B, T]`` (left-padded per ``mask``) into ``cache`` and compress it."""
+        if ids.shape[1] == 0:
+            return
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        with self._forward_ctx():
+            self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache.compress()
+
+    # ---- per-task bookkeeping -----------------------------------------------------------------------
+    def _by_task(self, requests: list, fn: Callable[[list], list]) -> list:
+        """Run ``fn`` on the requests of each task in turn (so KV memory is tracked per task)."""
+        order: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            order[getattr(req, "task_name", None) or "?"].append(i)
+        out: list = [None] * len(requests)
+        try:
+            for task, idx in order.items():
+                self._task = task
+                res = fn([requests[i] for i in idx])
+                for i, r in zip(idx, res, strict=True):
+                    out[i] = r
+        finally:
+            self._task = "?"
+            self._gather_kv()
+        return out
+
+    def _gather_kv(self) -> None:
+        if self.world_size <= 1:
+            return
+        gathered = self.gather_object(self.kv_log.records, dst=0)
+        if self.rank == 0 and gathered is not None:
+            self.kv_log.records = [r for part in gathered for r in part]
+        else:
+            self.kv_log.records = []
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._by_task(requests, lambda reqs: HFLM.loglikelihood(self, reqs, disable_tqdm=disable_tqdm))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._by_task(requests, lambda reqs: self._rolling(reqs, disable_tqdm=disable_tqdm))
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._by_task(requests, lambda reqs: self._generate_bucketed(reqs, disable_tqdm=disable_tqdm))
+
+    # ---- loglikelihood ---------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """Score continuations against the compressed context.
+
+        ``requests``: ``[((context, continuation) | None, context_enc, continuation_enc), ...]``.
+        Per batch: prefill ``context[:-1]`` (left-padded), ``compress()``, then one forward of
+        ``[context[-1]] + continuation[:-1]`` per request (right-padded) against the cache.
+        """
+        # Group requests by (truncated) context: one prefill serves every continuation of a context.
+        groups: dict[tuple[int, ...], list[tuple[int, Any, list[int]]]] = {}
+        for i, (key, ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError("empty continuation")
+            if len(cont) > self.max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={self.max_length}")
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
+            ctx_t = tuple(whole[: len(whole) - len(cont)])
+            if not ctx_t:
+                raise ValueError("empty context (lm-eval should have inserted the prefix token)")
+            groups.setdefault(ctx_t, []).append((i, key, list(cont)))
+
+        q = self._pad_quantum()
+        bs = int(override_bs or self.batch_size or 1)
+        buckets: dict[tuple[int, int], list[tuple[int, ...]]] = defaultdict(list)
+        for ctx_t in groups:
+            p = len(ctx_t) - 1
+            buckets[(p % q, int(p == 0))].append(ctx_t)
+        batches = []
+        for keys in buckets.values():
+            keys.sort(key=lambda c: (-len(c), c))
+            batches.extend(keys[j : j + bs] for j in range(0, len(keys), bs))
+        batches.sort(key=lambda b: -len(b[0]))
+
+        res: list[tuple[float, bool] | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0), desc="Running loglikelihood requests")
+        for batch in batches:
+            rows = [(g, item) for g, ctx_t in enumerate(batch) for item in groups[ctx_t]]
+            scored = self._score_batch(batch, rows)
+            for (_, (i, key, _cont)), answer in zip(rows, scored, strict=True):
+                res[i] = answer
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            pbar.update(len(rows))
+        pbar.close()
+        return res
+
+    def _score_batch(self, contexts: list[tuple[int, ...]], rows: list) -> list[tuple[float, bool]]:
+        dev = self.device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        plen = max(len(c) - 1 for c in contexts)
+        ids = torch.full((len(contexts), plen), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(contexts), plen), dtype=torch.long)
+        for g, c in enumerate(contexts):
+            n = len(c) - 1
+            if n:
+                ids[g, plen - n :] = torch.tensor(c[:-1])
+                mask[g, plen - n :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = self.make_cache()
+        try:
+            self._prefill(cache, ids, mask)
+            sel = torch.tensor([g for g, _ in rows], dtype=torch.long, device=dev)
+            if plen and (len(rows) != len(contexts) or bool((sel != torch.arange(len(contexts), device=dev)).any())):
+                cache.batch_select_indices(sel)
+            seqs = [[contexts[g][-1]] + cont[:-1] for g, (_, _, cont) in rows]
+            qlen = max(len(s) for s in seqs)
+            ids2 = torch.full((len(rows), qlen), pad_id, dtype=torch.long)
+            mask2 = torch.zeros((len(rows), qlen), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids2[r, : len(s)] = torch.tensor(s)
+                mask2[r, : len(s)] = 1
+            ids2, mask2 = ids2.to(dev), mask2.to(dev)
+            full_mask = torch.cat([mask.index_select(0, sel), mask2], dim=1)
+            pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -qlen:]
+            with self._forward_ctx():
+                logits = self.model(
+                    input_ids=ids2,
+                    attention_mask=full_mask,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+            logp = F.log_softmax(logits.to(self.softmax_dtype or torch.float32), dim=-1)
+            out = []
+            for r, (_, (_, _, cont)) in enumerate(rows):
+                lp = logp[r, : len(cont)]
+                target = torch.tensor(cont, dtype=torch.long, device=lp.device)
+                greedy = bool((lp.argmax(-1) == target).all())
+                out.append((float(lp.gather(-1, target.unsqueeze(-1)).sum()), greedy))
+            self._record(cache, len(rows), "loglikelihood")
+        finally:
+            cache.detach()
+        return out
+
+    # ---- rolling loglikelihood (perplexity) ---------------------------------------------------------------
+    def _rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for req in tqdm(requests, disable=(disable_tqdm or self.rank != 0), desc="Running loglikelihood_rolling requests"):
+            (string,) = req.args
+            total = self.stream_loglikelihood(self.tok_encode(string))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            out.append(total)
+        return out
+
+    def stream_loglikelihood(self, tokens: Sequence[int], chunk_size: int | None = None) -> float:
+        """Log-likelihood of ``tokens`` (after the prefix token), streamed through one compressing
+        cache ``chunk_size`` tokens at a time: each chunk is scored against the compressed past."""
+        chunk = int(chunk_size or self.chunk_size)
+        seq = [self.prefix_token_id] + list(tokens)
+        if len(seq) < 2:
+            return 0.0
+        cache = self.make_cache()
+        total = 0.0
+        try:
+            inputs, targets = seq[:-1], seq[1:]
+            for start in range(0, len(inputs), chunk):
+                ids = torch.tensor([inputs[start : start + chunk]], dtype=torch.long, device=self.device)
+                tgt = torch.tensor(targets[start : start + chunk], dtype=torch.long, device=self.device)
+                pos = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
+                with self._forward_ctx():
+                    logits = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+                logp = F.log_softmax(logits[0].to(self.softmax_dtype or torch.float32), dim=-1)
+                total += float(logp.gather(-1, tgt.unsqueeze(-1)).sum())
+                cache.compress()
+            self._record(cache, 1, "loglikelihood_rolling")
+        finally:
+            cache.detach()
+        return total
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def _generate_bucketed(self, requests, disable_tqdm: bool = False) -> list[str]:
+        q = self._pad_quantum()
+        if q == 1 or int(self.batch_size) == 1:
+            return HFLM.generate_until(self, requests, disable_tqdm=disable_tqdm)
+        # Batch only contexts whose lengths agree modulo the quantization group (see module doc).
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            n = int(self.tok_batch_encode([req.args[0]])[0].shape[1])
+            buckets[n % q].append(i)
+        out: list = [None] * len(requests)
+        for idx in buckets.values():
+            res = HFLM.generate_until(self, [requests[i] for i in idx], disable_tqdm=disable_tqdm)
+            for i, r in zip(idx, res, strict=True):
+                out[i] = r
+        return out
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(context)
+        cache = self.make_cache()
+        try:
+            # Prefill all but the last context token and compress, so that even the first generated
+            # token is predicted against the compressed context.
+            self._prefill(cache, context[:, :-1], mask[:, :-1])
+            out = super()._model_generate(
+                context, max_length, stop, attention_mask=mask, past_key_values=cache, **generation_kwargs
+            )
+            self._record(cache, context.shape[0], "generate_until")
+        finally:
+            cache.detach()
+        return out
+
+    # ---- reporting ---------------------------------------------------------------------------------------
+    def get_model_info(self) -> dict:
+        """Model facts for lm-eval's results (no Hub lookups), plus the cache and its KV memory."""
+        model = self._model
+        return {
+            "model_num_parameters": sum(p.numel() for p in model.parameters()),
+            "model_dtype": str(getattr(model, "dtype", "")),
+            "model_revision": None,
+            "model_sha": "",
+            "sinkcache": self.kv_memory,
+        }
+
+
+@contextlib.contextmanager
+def _quiet_hflm_init():
+    """HFLM warns twice that a model object was passed; that is how this class always works."""
+    log = logging.getLogger("lm_eval.models.huggingface")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+# --------------------------------------------------------------------------------------- run_eval
+
+
+def _versions() -> dict[str, str]:
+    import lm_eval
+
+    out = {
+        "sinkcache": __version__,
+        "lm_eval": getattr(lm_eval, "__version__", "?"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(Exception):
+        import datasets
+
+        out["datasets"] = datasets.__version__
+    return out
+
+
+def _all_local(tasks: Iterable[str]) -> bool:
+    return all(str(t).startswith("sinkcache") for t in tasks)
+
+
+def _scores(results: dict) -> dict[str, dict[str, float]]:
+    """``{task: {"metric,filter": value}}`` without aliases and stderr (those stay in ``lm_eval``)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        out[task] = {
+            k: v
+            for k, v in metrics.items()
+            if k != "alias" and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    return out
+
+
+def run_eval(
+    model_name: str,
+    tasks: str | Sequence[str] = ("sinkcache_suite",),
+    *,
+    policy: str = "full",
+    bits: int | None = None,
+    budget: int | None = None,
+    window: int | None = None,
+    group_size: int | None = None,
+    sinks: str = "auto",
+    n_first: int = 1,
+    max_sinks: int | None = None,
+    limit: int | float | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "float32",
+    chunk_size: int = 128,
+    num_fewshot: int | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    apply_chat_template: bool = False,
+    log_samples: bool = False,
+    seed: int = 0,
+    model: Any = None,
+    tokenizer: Any = None,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model_name`` under one cache policy with lm-eval; return (and write) a JSON report.
+
+    Args:
+        model_name: sinkcache alias, GGUF file, checkpoint dir or Hub id (see ``load_model``).
+        tasks: task or group names, e.g. ``["sinkcache_suite"]`` (the offline suite) or Hub tasks
+            such as ``["gsm8k", "arc_challenge"]`` (those need Hub access). A comma-separated string
+            works too.
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks: the cache.
+        limit: documents per task (an int) or a fraction (< 1); ``None`` = all.
+        output: write the report here as JSON (parent folders are created).
+        batch_size: requests per forward (1 is fastest on CPU).
+        device: ``cpu``/``cuda``/... (default: CUDA when available).
+        dtype: model dtype (``float32``, ``bfloat16``, ``float16``).
+        chunk_size: tokens per forward for streaming perplexity.
+        num_fewshot: override the tasks' few-shot count.
+        include_path: extra task folder(s); default ``evals/tasks`` (``$SINKCACHE_EVAL_TASKS``).
+        apply_chat_template: format prompts with the model's chat template.
+        log_samples: keep per-document outputs (under ``lm_eval["samples"]``).
+        seed: lm-eval's random/numpy/torch/few-shot seed.
+        model, tokenizer: an already loaded model and tokenizer to use instead of loading
+            ``model_name`` (``model_name`` is then only a label).
+        num_threads: ``torch.set_num_threads`` for the run (default: torch's choice). On a busy
+            machine 1 thread can beat 2 by a wide margin.
+        progress: print progress lines and lm-eval's progress bars.
+
+    Returns:
+        ``{"config", "versions", "scores", "memory", "time_s", "n_samples", "lm_eval"}`` where
+        ``scores`` is ``{task: {"metric,filter": value}}``, ``memory`` holds the mean KV bytes per
+        request (``mean_memory_bytes``, ``mean_dense_bytes`` for a full cache, ``ratio_vs_full``,
+        ``compression``, ``per_task``) and ``lm_eval`` the harness's own result tables.
+    """
+    import lm_eval
+
+    task_list = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    task_list = [t for t in task_list if t]
+    if not task_list:
+        raise ValueError("no tasks given")
+    if _all_local(task_list):
+        # Everything is local: never let datasets/hub try the network.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"sinkcache eval: {msg}", file=sys.stderr, flush=True)
+
+    cache_args = {
+        "policy": policy,
+        "bits": bits,
+        "budget": budget,
+        "window": window,
+        "group_size": group_size,
+        "sinks": sinks,
+        "n_first": n_first,
+        "max_sinks": max_sinks,
+    }
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    t0 = time.perf_counter()
+    say(f"loading {model_name} (policy={policy}, {', '.join(f'{k}={v}' for k, v in cache_args.items() if v is not None and k != 'policy')})")
+    lm = SinkCacheLM(
+        pretrained=model if model is not None else model_name,
+        tokenizer=tokenizer,
+        chunk_size=chunk_size,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        **cache_args,
+    )
+    t_load = time.perf_counter() - t0
+    tm = task_manager(include_path)
+    say(f"model ready in {t_load:.1f} s; running {', '.join(task_list)}" + (f" (limit {limit})" if limit is not None else ""))
+    t1 = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=task_list,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=str(lm.device),
+        limit=limit,
+        task_manager=tm,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=0,
+        verbosity="ERROR" if not progress else None,
+    )
+    elapsed = time.perf_counter() - t1
+    if results is None:  # non-zero rank under data parallelism
+        return {}
+    say(f"done in {elapsed:.1f} s")
+    memory = lm.kv_memory
+    report = {
+        "config": {
+            "model": model_name,
+            "tasks": task_list,
+            "cache": dict(lm.cache_kwargs),
+            "limit": limit,
+            "batch_size": batch_size,
+            "device": str(lm.device),
+            "dtype": str(lm.model.dtype).removeprefix("torch."),
+            "chunk_size": chunk_size,
+            "num_fewshot": num_fewshot,
+            "apply_chat_template": apply_chat_template,
+            "seed": seed,
+            "num_threads": torch.get_num_threads(),
+            "include_path": str(include_path or default_tasks_dir()),
+        },
+        "versions": _versions(),
+        "scores": _scores(results),
+        "memory": {k: v for k, v in memory.items() if k != "cache"},
+        "time_s": {"load": round(t_load, 2), "eval": round(elapsed, 2)},
+        "n_samples": results.get("n-samples", {}),
+        "lm_eval": {
+            k: results[k]
+            for k in ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples", "samples")
+            if k in results
+        },
+    }
+    if output is not None:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from lm_eval.utils import handle_non_serializable
+
+        path.write_text(json.dumps(report, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        say(f"wrote {path}")
+    return report
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """lm-eval's table(s) for ``result`` (from :func:`run_eval`) plus the KV-memory line."""
+    from lm_eval.utils import make_table
+
+    raw = result.get("lm_eval") or {}
+    parts = []
+    if raw.get("results"):
+        parts.append(make_table(raw))
+    if raw.get("groups"):
+        parts.append(make_table(raw, "groups"))
+    cfg = result.get("config", {})
+    cache = cfg.get("cache", {})
+    desc = ", ".join(f"{k}={v}" for k, v in cache.items() if v is not None)
+    mem = result.get("memory") or {}
+    if mem.get("requests"):
+        parts.append(
+            f"KV memory ({desc}): {_fmt_bytes(mem['mean_memory_bytes'])} per request vs "
+            f"{_fmt_bytes(mem['mean_dense_bytes'])} full cache = {100 * mem['ratio_vs_full']:.1f}% "
+            f"({mem['compression']:.2f}x smaller), mean over {mem['requests']} requests"
+        )
+    t = result.get("time_s") or {}
+    if t:
+        parts.append(f"time: load {t.get('load', 0):.1f} s, eval {t.get('eval', 0):.1f} s")
+    return "\n".join(parts)
+
+
+def print_report(result: dict[str, Any], file=None) -> None:
+    """Print lm-eval's results table and the KV-memory line for a :func:`run_eval` result."""
+    print(format_report(result), file=file or sys.stdout)
+
+
+# --------------------------------------------------------------------------------------- CLI wrapper
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m sinkcache.evaluation [lm_eval options]``: lm-eval's CLI with ``sinkcache`` registered.
+
+    Adds ``--include_path`` for the offline suite unless given. Works under ``accelerate launch -m``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    wants_help = not args or any(a in ("-h", "--help") for a in args)
+    if not wants_help and not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(default_tasks_dir())]
+    from lm_eval.__main__ import cli_evaluate
+
+    old = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = old
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""Sink profiles: which token ids act as attention sinks in which layers, measured once offline.
+
+``sinkcache profile MODEL`` (:func:`profile_command`) runs calibration text through the model with
+eager attention (see :mod:`sinkcache.analysis`), and for every layer and kv head counts how often
+each token id is a sink: its received attention (mean over the next ``span`` queries, averaged over
+the query heads sharing the kv head) is at least ``threshold``. An id is listed for a (layer, kv
+head) when it was a sink at least ``min_count`` times and in at least ``min_rate`` of its
+occurrences there. The first ``n_first`` tokens are sinks by rule and are not counted.
+
+A cache given a profile (:class:`ProfileSinks`) then marks sinks by token id: no attention is
+computed at run time, only a lookup of the ids seen by the cache's forward pre-hook.
+
+Profiles are JSON (:func:`save_profile` / :func:`load_profile`); the built-in models' profiles
+ship in ``sinkcache/profiles/<alias>.json`` and load by alias name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .analysis import attention_pass, received_from_following, token_class
+from .context import TokenContext
+from .sinks import SinkSelector
+
+PROFILE_FORMAT = "sinkcache-profile"
+PROFILE_VERSION = 1
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+
+DEFAULT_PROFILE_THRESHOLD = 0.1
+DEFAULT_PROFILE_SPAN = 64
+DEFAULT_MIN_COUNT = 3
+DEFAULT_MIN_RATE = 0.5
+DEFAULT_CHUNKS = 16
+DEFAULT_LENGTH = 1024
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+@dataclass
+class SinkCounts:
+    """Raw counts behind a profile (see :func:`measure_sinks`).
+
+    ``occ[l, id]``: scored occurrences of ``id`` (same for every kv head); ``hits[l, h, id]``: how
+    many of them were sinks of kv head ``h`` in layer ``l``; ``pos_occ``/``pos_hits``: occurrences,
+    and those that were a sink in at least one (layer, kv head).
+    """
+
+    occ: torch.Tensor
+    hits: torch.Tensor
+    pos_occ: torch.Tensor
+    pos_hits: torch.Tensor
+    layer_types: list[str]
+    settings: dict[str, Any]
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SinkCounts:
+        return cls(**torch.load(path, weights_only=False))
+
+
+def measure_sinks(
+    model,
+    tokenizer,
+    texts: list[str] | list[list[int]],
+    *,
+    threshold: float = DEFAULT_PROFILE_THRESHOLD,
+    span: int = DEFAULT_PROFILE_SPAN,
+    n_first: int = 1,
+    max_tokens: int = DEFAULT_LENGTH,
+    min_queries: int = 8,
+    progress: bool = False,
+) -> SinkCounts:
+    """Count, per layer / kv head / token id, how often a token is a sink on ``texts``.
+
+    ``texts``: strings (tokenized with the tokenizer's special tokens, cut to ``max_tokens``) or
+    lists of token ids (used as given).
+    """
+    if not texts:
+        raise ValueError("need at least one text")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError("threshold must be in (0, 1]")
+    if span < 1:
+        raise ValueError("span must be >= 1")
+    cfg = _text_config(model)
+    vocab = int(cfg.vocab_size)
+    n_layers = int(cfg.num_hidden_layers)
+    n_kv = int(cfg.num_key_value_heads)
+    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
+    occ = torch.zeros(n_layers, vocab, dtype=torch.long)
+    hits = torch.zeros(n_layers, n_kv, vocab, dtype=torch.long)
+    pos_occ = torch.zeros(vocab, dtype=torch.long)  # scored occurrences of each id
+    pos_hits = torch.zeros(vocab, dtype=torch.long)  # ... that were a sink in at least one (layer, kv head)
+    total_tokens = 0
+    start = time.perf_counter()
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+        else:
+            ids = torch.as_tensor(text, dtype=torch.long).reshape(1, -1)
+        t = ids.shape[1]
+        if t <= n_first + min_queries:
+            continue
+        flat = ids[0]
+        total_tokens += t
+        any_sink = torch.zeros(t, dtype=torch.bool)
+        scored = torch.zeros(t, dtype=torch.bool)
+
+        def on_layer(idx, module, weights, hidden, flat=flat, t=t, any_sink=any_sink, scored=scored):
+            hq = weights.shape[1]
+            group = hq // n_kv
+            att = weights[0].view(n_kv, group, t, t).mean(1)  # [Hk, T, T]
+            recv = received_from_following(att, span, min_queries)  # [Hk, T]
+            valid = ~torch.isnan(recv[0])
+            valid[:n_first] = False
+            sink = (torch.nan_to_num(recv, nan=0.0) >= threshold) & valid
+            occ[idx] += torch.bincount(flat[valid], minlength=vocab)
+            for h in range(n_kv):
+                hits[idx, h] += torch.bincount(flat[sink[h]], minlength=vocab)
+            any_sink.logical_or_(sink.any(0))
+            scored.logical_or_(valid)
+
+        attention_pass(model, ids, on_layer)
+        pos_occ += torch.bincount(flat[scored], minlength=vocab)
+        pos_hits += torch.bincount(flat[any_sink], minlength=vocab)
+        if progress:
+            print(f"  chunk {i + 1}/{len(texts)}: {t} tokens, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if total_tokens == 0:
+        raise ValueError("no text long enough to profile")
+    settings = {
+        "threshold": threshold,
+        "span": span,
+        "n_first": n_first,
+        "min_queries": min_queries,
+        "texts": len(texts),
+        "tokens": total_tokens,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return SinkCounts(occ, hits, pos_occ, pos_hits, layer_types, settings)
+
+
+def profile_from_counts(
+    counts: SinkCounts,
+    tokenizer,
+    *,
+    min_count: int = DEFAULT_MIN_COUNT,
+    min_rate: float = DEFAULT_MIN_RATE,
+    model_name: str = "?",
+    model_type: str | None = None,
+    source: str = "",
+) -> dict[str, Any]:
+    """Select the listed ids from ``counts``: an id is listed for (layer, kv head) when it was a
+    sink there at least ``min_count`` times and in at least ``min_rate`` of its occurrences."""
+    if min_count < 1 or not 0.0 < min_rate <= 1.0:
+        raise ValueError("min_count must be >= 1 and min_rate in (0, 1]")
+    occ, hits = counts.occ, counts.hits
+    n_layers, n_kv, vocab = hits.shape
+    listed: list[dict[str, Any]] = []
+    all_ids: set[int] = set()
+    for layer in range(n_layers):
+        heads = []
+        for h in range(n_kv):
+            ok = (hits[layer, h] >= min_count) & (hits[layer, h].double() >= min_rate * occ[layer].double().clamp(min=1))
+            ids_lh = torch.nonzero(ok).flatten().tolist()
+            heads.append(ids_lh)
+            all_ids.update(ids_lh)
+        listed.append({"layer": layer, "type": counts.layer_types[layer], "heads": heads})
+    tokens: dict[str, dict[str, Any]] = {}
+    any_occ = occ.max(0).values
+    layer_rate = hits.max(1).values.double() / occ.double().clamp(min=1)  # [L, V]: best kv head per layer
+    for tid in sorted(all_ids):
+        text = tokenizer.decode([tid])
+        tokens[str(tid)] = {
+            "text": text,
+            "class": token_class(text, 1),
+            "occurrences": int(any_occ[tid]),
+            "layers": [layer for layer in range(n_layers) if any(tid in listed[layer]["heads"][h] for h in range(n_kv))],
+            "max_rate": round(float(layer_rate[:, tid].max()), 3),
+        }
+    # class statistics over all scored positions (a sink in any layer / kv head counts)
+    class_occ: dict[str, int] = {}
+    class_hits: dict[str, int] = {}
+    for tid in torch.nonzero(counts.pos_occ).flatten().tolist():
+        c = token_class(tokenizer.decode([tid]), 1)
+        class_occ[c] = class_occ.get(c, 0) + int(counts.pos_occ[tid])
+        class_hits[c] = class_hits.get(c, 0) + int(counts.pos_hits[tid])
+    by_class: dict[str, int] = {}
+    for info in tokens.values():
+        by_class[info["class"]] = by_class.get(info["class"], 0) + 1
+    st = counts.settings
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "model": model_name,
+        "model_type": model_type,
+        "num_layers": n_layers,
+        "num_kv_heads": n_kv,
+        "vocab_size": vocab,
+        "n_first": st["n_first"],
+        "settings": dict(
+            threshold=st["threshold"], span=st["span"], min_count=min_count, min_rate=min_rate,
+            min_queries=st["min_queries"], texts=st["texts"], tokens=st["tokens"], source=source, seconds=st["seconds"],
+        ),
+        "summary": {
+            "listed_ids": len(all_ids),
+            "listed_ids_by_class": by_class,
+            "entries_per_layer": [sum(len(x) for x in lay["heads"]) for lay in listed],
+            "scored_occurrences_by_class": class_occ,
+            "sink_share_by_class": {
+                c: round(class_hits.get(c, 0) / class_occ[c], 4) for c in sorted(class_occ) if class_occ[c]
+            },
+        },
+        "layers": listed,
+        "tokens": tokens,
+    }
+
+
+def build_profile(
+    model,
+    tokenizer,
+    texts: list[str] | list[list[int]],
+    *,
+    threshold: float = DEFAULT_PROFILE_THRESHOLD,
+    span: int = DEFAULT_PROFILE_SPAN,
+    min_count: int = DEFAULT_MIN_COUNT,
+    min_rate: float = DEFAULT_MIN_RATE,
+    n_first: int = 1,
+    max_tokens: int = DEFAULT_LENGTH,
+    min_queries: int = 8,
+    model_name: str | None = None,
+    source: str = "",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Measure which token ids are sinks, per layer and kv head, on ``texts``; return the profile.
+
+    :func:`measure_sinks` followed by :func:`profile_from_counts` (see both). ``texts``: strings
+    or lists of token ids. Returns a JSON-ready dict.
+    """
+    if min_count < 1 or not 0.0 < min_rate <= 1.0:
+        raise ValueError("min_count must be >= 1 and min_rate in (0, 1]")
+    counts = measure_sinks(
+        model, tokenizer, texts, threshold=threshold, span=span, n_first=n_first, max_tokens=max_tokens,
+        min_queries=min_queries, progress=progress,
+    )
+    cfg = _text_config(model)
+    name = model_name or str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "?"))
+    return profile_from_counts(
+        counts, tokenizer, min_count=min_count, min_rate=min_rate, model_name=name,
+        model_type=getattr(cfg, "model_type", None), source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def shipped_profile_path(name: str) -> Path | None:
+    """Path of the profile shipped for built-in alias ``name`` (``smollm2-135m``), or None."""
+    key = name.strip().lower().replace("_", "-")
+    p = PROFILE_DIR / f"{key}.json"
+    return p if p.is_file() else None
+
+
+def save_profile(profile: dict[str, Any], path: str | Path) -> Path:
+    """Write ``profile`` as JSON (creating parent directories)."""
+    _validate(profile)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(profile, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return p
+
+
+def load_profile(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A profile from a dict, a JSON file, or the name of a built-in model with a shipped profile."""
+    if isinstance(source, dict):
+        return _validate(source)
+    p = Path(source)
+    if not p.is_file():
+        shipped = shipped_profile_path(str(source))
+        if shipped is None:
+            known = sorted(x.stem for x in PROFILE_DIR.glob("*.json")) if PROFILE_DIR.is_dir() else []
+            raise ValueError(
+                f"profile {str(source)!r}: no such file, and no shipped profile of that name "
+                f"(shipped: {', '.join(known) or 'none'})"
+            )
+        p = shipped
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read profile {p}: {exc}") from exc
+    return _validate(data)
+
+
+def _validate(profile: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(profile, dict) or profile.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"not a sinkcache profile (expected format={PROFILE_FORMAT!r})")
+    if int(profile.get("version", 0)) > PROFILE_VERSION:
+        raise ValueError(f"profile version {profile.get('version')} is newer than this sinkcache ({PROFILE_VERSION})")
+    layers = profile.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) and isinstance(x.get("heads"), list) for x in layers):
+        raise ValueError("profile has no valid 'layers' list")
+    return profile
+
+
+# ---------------------------------------------------------------------------------------------
+# the selector
+
+
+class ProfileSinks(SinkSelector):
+    """Sinks by token id from a profile: the first ``n_first`` tokens always, then, in layer ``l``
+    and kv head ``h``, every token whose id the profile lists for ``(l, h)``.
+
+    Args:
+        profile: a profile dict, a JSON path or a built-in alias with a shipped profile.
+        n_first: leading tokens that are always sinks (default: the profile's ``n_first``).
+        max_sinks: cap per (row, kv head, layer), as for other selectors.
+
+    Marks are ``[B, kv_heads, C]`` when the layer's key heads match the profile, else the union of
+    the layer's lists ``[B, 1, C]``. Layers the profile does not cover get only the first-token rule.
+    """
+
+    name = "profile"
+    needs_ids = True
+
+    def __init__(self, profile: str | Path | dict[str, Any], n_first: int | None = None, max_sinks: int | None = None):
+        data = load_profile(profile)
+        nf = int(data.get("n_first", 1)) if n_first is None else n_first
+        super().__init__(n_first=nf, max_sinks=max_sinks)
+        self.profile = data
+        self.model = data.get("model")
+        self._per_head: dict[int, list[torch.Tensor]] = {}
+        self._union: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(data["layers"]):
+            idx = int(layer.get("layer", i))
+            heads = [torch.tensor(sorted(int(x) for x in h), dtype=torch.long) for h in layer["heads"]]
+            self._per_head[idx] = heads
+            self._union[idx] = torch.unique(torch.cat(heads)) if heads else torch.empty(0, dtype=torch.long)
+
+    def ids_for(self, layer_idx: int) -> list[list[int]]:
+        """The listed ids of ``layer_idx``, one list per kv head."""
+        return [h.tolist() for h in self._per_head.get(layer_idx, [])]
+
+    def mark(self, layer_idx: int, cols: torch.Tensor, ctx: TokenContext, keys: torch.Tensor, attention=None):
+        b, hk = keys.shape[0], keys.shape[1]
+        first = self.first_mask(cols, ctx, b)
+        union = self._union.get(layer_idx)
+        if union is None or union.numel() == 0:
+            return first
+        ids = ctx.ids_at(cols, b)
+        if ids is None:
+            return first
+        ids = ids.to(keys.device)
+        pad = ctx.pad_counts(b, cols.device)
+        real = (cols.view(1, -1) >= pad.view(-1, 1)).unsqueeze(1).to(keys.device)
+        heads = self._per_head[layer_idx]
+        if len(heads) == hk:
+            listed = torch.stack([torch.isin(ids, h.to(keys.device)) for h in heads], dim=1)  # [B, Hk, C]
+        else:
+            listed = torch.isin(ids, union.to(keys.device)).unsqueeze(1)
+        return first.to(keys.device) | (listed & real)
+
+    def __repr__(self) -> str:
+        n = sum(h.numel() for hs in self._per_head.values() for h in hs)
+        return (
+            f"ProfileSinks(model={self.model!r}, n_first={self.n_first}, max_sinks={self.max_sinks}, "
+            f"entries={n}, layers={len(self._per_head)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI entry point (called by sinkcache.cli)
+
+
+def profile_command(
+    model_name: str,
+    out: str | Path | None = None,
+    *,
+    chunks: int = DEFAULT_CHUNKS,
+    length: int = DEFAULT_LENGTH,
+    threshold: float = DEFAULT_PROFILE_THRESHOLD,
+    span: int = DEFAULT_PROFILE_SPAN,
+    min_count: int = DEFAULT_MIN_COUNT,
+    min_rate: float = DEFAULT_MIN_RATE,
+    n_first: int = 1,
+    text: str | Path | None = None,
+    dtype: str = "float32",
+    counts_out: str | Path | None = None,
+    progress: bool = True,
+) -> int:
+    """``sinkcache profile MODEL [--out FILE]``: measure a sink profile and save it. Returns the exit code.
+
+    Calibration text: the calibration split of :mod:`sinkcache.calibration` (stdlib docstrings),
+    ``chunks`` chunks of ``length`` tokens; or a UTF-8 file ``text`` cut into such chunks.
+    Default output: ``./<model>.profile.json``. ``counts_out``: also save the raw counts
+    (:class:`SinkCounts`, torch format) to re-select with other ``min_count``/``min_rate``.
+    """
+    err = None
+    if chunks < 1:
+        err = f"--chunks {chunks} must be >= 1"
+    elif length < 32:
+        err = f"--length {length} must be >= 32"
+    elif not 0.0 < threshold <= 1.0 or not 0.0 < min_rate <= 1.0:
+        err = "--threshold and --min-rate must be in (0, 1]"
+    elif min_count < 1 or span < 1 or n_first < 0:
+        err = "--min-count and --span must be >= 1, --n-first >= 0"
+    if err:
+        print(f"sinkcache: error: {err}", file=sys.stderr)
+        return 2
+    body = None
+    if text is not None:
+        try:
+            body = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"sinkcache: error: cannot read --text {text}: {exc}", file=sys.stderr)
+            return 2
+    from .calibration import token_chunks
+    from .models import load_model
+
+    model, tok = load_model(model_name, dtype=dtype, progress=progress)
+    if body is None:
+        texts: list[Any] = token_chunks(tok, "calibration", length, n=chunks)
+        source = f"sinkcache.calibration 'calibration' split, {len(texts)} x {length} tokens"
+    else:
+        ids = tok(body, add_special_tokens=False).input_ids
+        bos = tok("a").input_ids[0] if getattr(tok, "bos_token_id", None) == tok("a").input_ids[0] else None
+        step = length - (1 if bos is not None else 0)
+        texts = [([bos] if bos is not None else []) + ids[i : i + step] for i in range(0, len(ids), step)][:chunks]
+        texts = [x for x in texts if len(x) > 16]
+        source = f"{text}, {len(texts)} chunks of <= {length} tokens"
+    if not texts:
+        print("sinkcache: error: no calibration text", file=sys.stderr)
+        return 2
+    if progress:
+        print(f"profiling {model_name} on {source}", file=sys.stderr)
+    counts = measure_sinks(
+        model, tok, texts, threshold=threshold, span=span, n_first=n_first, max_tokens=length, progress=progress
+    )
+    if counts_out is not None:
+        counts.save(counts_out)
+    prof = profile_from_counts(
+        counts, tok, min_count=min_count, min_rate=min_rate, model_name=model_name,
+        model_type=getattr(_text_config(model), "model_type", None), source=source,
+    )
+    path = Path(out) if out is not None else Path(f"{model_name.replace('/', '_')}.profile.json")
+    save_profile(prof, path)
+    s = prof["summary"]
+    print(
+        f"{model_name}: {s['listed_ids']} sink ids ({s['listed_ids_by_class']}); "
+        f"entries per layer {s['entries_per_layer']}"
+    )
+    top = sorted(prof["tokens"].items(), key=lambda kv: -len(kv[1]["layers"]))[:12]
+    for tid, info in top:
+        print(f"  {tid:>7} {info['text']!r:<16} {info['class']:<12} layers {len(info['layers']):>2} "
+              f"occurrences {info['occurrences']:>5} max rate {info['max_rate']:.2f}")
+    print(f"wrote {path}")
+    return 0
