@@ -76,6 +76,7 @@ class SinkCache(Cache):
             raise ValueError("pass model= or config=, not both")
         self.config = getattr(model, "config", None) if model is not None else config
         self._hook = None
+        self._model_ref = weakref.ref(model) if model is not None else None
         self._rotary = None
         if isinstance(self.policy, EvictPolicy) and self.policy.positions == "shifted":
             if model is None:
@@ -138,15 +139,24 @@ class SinkCache(Cache):
             self.sink_selector.detach()
 
     def __deepcopy__(self, memo):
-        # The hook handle refers to the model; a copy shares the policy but needs no hook of its own
-        # unless re-attached. Copy every other attribute deeply.
+        # Hook handles and the model are not copied: the copy attaches its own hooks to the same model,
+        # so it keeps seeing token ids, padding and attention like the original.
         import copy
 
         cls = type(self)
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            setattr(new, k, None if k == "_hook" else copy.deepcopy(v, memo))
+            if k in ("_hook", "_model_ref"):
+                continue
+            setattr(new, k, copy.deepcopy(v, memo))
+        new._hook, new._model_ref = None, self._model_ref
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None:
+            new._attach(model)
+            if hasattr(new.sink_selector, "attach"):
+                new.sink_selector._handles = []
+                new.sink_selector.attach(model, new)
         return new
 
     # ---- Cache API ----------------------------------------------------------------------------
@@ -162,8 +172,7 @@ class SinkCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.ctx.reset()
-        if hasattr(self.sink_selector, "reset"):
-            self.sink_selector.reset()
+        self.sink_selector.reset()
 
     def compress(self) -> None:
         """Run compression that is pending (layers compress one forward after tokens arrive)."""
@@ -174,14 +183,20 @@ class SinkCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.ctx.reorder(beam_idx)
+        self.sink_selector.reorder(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.ctx.reorder(torch.as_tensor(indices).reshape(-1))
+        rows = torch.as_tensor(indices).reshape(-1)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().reshape(-1)
+        self.ctx.reorder(rows)
+        self.sink_selector.reorder(rows)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.ctx.repeat_interleave(repeats)
+        self.sink_selector.repeat_interleave(repeats)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)

@@ -48,10 +48,17 @@ def attention_modules(model) -> list[tuple[int, Any]]:
 
 
 def received_attention(
-    module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, obs_window: int
+    module,
+    hidden_states: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    obs_window: int,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean attention each key of this forward receives from its last ``obs_window`` queries.
 
+    ``valid``: optional ``[B, T]`` bool, False for left padding: pad keys get no attention and
+    pad queries do not count in the mean.
     Returns ``[B, kv_heads, T]`` (query heads averaged within their GQA group).
     """
     b, t, _ = hidden_states.shape
@@ -70,7 +77,12 @@ def received_attention(
     scores = torch.einsum("bgrwd,bgtd->bgrwt", q, k.float()) * module.scaling
     causal = torch.arange(t, device=q.device).view(1, t) > torch.arange(t - w, t, device=q.device).view(w, 1)
     scores = scores.masked_fill(causal, float("-inf"))
-    return scores.softmax(-1).mean(dim=(2, 3))
+    if valid is None:
+        return scores.softmax(-1).mean(dim=(2, 3))
+    scores = scores.masked_fill(~valid.view(b, 1, 1, 1, t), float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)  # a pad query sees only pads: all -inf -> no weight
+    qw = valid[:, -w:].to(probs.dtype).view(b, 1, 1, w, 1)
+    return (probs * qw).sum(3).mean(2) / qw.sum(3).clamp_min(1).view(b, 1, 1)
 
 
 class AutoSinks(SinkSelector):
@@ -116,9 +128,11 @@ class AutoSinks(SinkSelector):
             pe = kwargs.get("position_embeddings")
             if hs is None or pe is None or hs.shape[1] < 2:
                 return None
-            with torch.no_grad():
-                att = received_attention(module, hs, pe[0], pe[1], self.obs_window)
             start = cache.get_seq_length(idx) - hs.shape[1] if idx < len(cache.layers) else 0
+            cols = torch.arange(start, start + hs.shape[1], device=hs.device)
+            valid = cols.view(1, -1) >= cache.ctx.pad_counts(hs.shape[0], hs.device).view(-1, 1)
+            with torch.no_grad():
+                att = received_attention(module, hs, pe[0], pe[1], self.obs_window, valid)
             self.observed[idx] = (start, att)
             return None
 
@@ -131,6 +145,13 @@ class AutoSinks(SinkSelector):
 
     def reset(self) -> None:
         self.observed.clear()
+
+    # The observations are per row: they follow the cache's batch operations.
+    def reorder(self, idx: torch.Tensor) -> None:
+        self.observed = {k: (s, a.index_select(0, idx.to(a.device))) for k, (s, a) in self.observed.items()}
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self.observed = {k: (s, a.repeat_interleave(repeats, dim=0)) for k, (s, a) in self.observed.items()}
 
     def mark(self, layer_idx, cols, ctx: TokenContext, keys, attention=None):
         first = self.first_mask(cols, ctx, keys.shape[0])

@@ -63,6 +63,17 @@ class SinkSelector(ABC):
             ``[B, H or 1, C]`` bool.
         """
 
+    # Selectors that keep per-row state (measured attention) override these; the cache calls them
+    # alongside its own batch operations (beam search, batch select/repeat) and reset.
+    def reorder(self, idx: torch.Tensor) -> None:
+        return None
+
+    def repeat_interleave(self, repeats: int) -> None:
+        return None
+
+    def reset(self) -> None:
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_first={self.n_first}, max_sinks={self.max_sinks})"
 
