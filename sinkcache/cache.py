@@ -44,6 +44,9 @@ class SinkCache(Cache):
             token ids and the padding mask (needed for left-padded batches and ``"punct"``).
         tokenizer: lets ``"punct"``/``"auto"`` find punctuation/delimiter token ids.
         config: a model config, when ``model`` is not given (layer types).
+        profile: a sink profile (built-in model name, JSON path or dict written by
+            ``sinkcache profile``): sinks are chosen by token id per layer/head, at no runtime cost.
+            Needs ``model=`` to see token ids.
 
     Without ``model``/``config`` every layer is treated as full attention; without ``model`` the
     cache cannot see padding, so left-padded batches need ``model=``.
@@ -64,11 +67,20 @@ class SinkCache(Cache):
         model: Any = None,
         tokenizer: Any = None,
         config: Any = None,
+        profile: Any = None,
     ) -> None:
         self.policy = make_policy(
             policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions
         )
-        self.sink_selector = _make_sinks(self.policy, sinks, n_first, max_sinks, model, tokenizer)
+        if profile is not None:
+            if sinks not in ("auto", "profile"):
+                raise ValueError(f"profile= selects sinks by token id; it cannot be combined with sinks={sinks!r}")
+            from .profile import ProfileSinks
+
+            cap = max_sinks if max_sinks is not None else _default_cap(self.policy, n_first)
+            self.sink_selector: SinkSelector = ProfileSinks(profile, n_first=n_first, max_sinks=cap)
+        else:
+            self.sink_selector = _make_sinks(self.policy, sinks, n_first, max_sinks, model, tokenizer)
         _check_budget(self.policy, self.sink_selector)
         self.ctx = TokenContext()
         self.ctx.keep_ids = self.sink_selector.needs_ids

@@ -534,10 +534,115 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval / detect / profile
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a cache policy with lm-evaluation-harness (offline suite or any lm-eval task)",
+        description="Wraps lm_eval.simple_evaluate with the 'sinkcache' model; prints lm-eval's table and the "
+        "KV memory held, and writes a JSON report.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model", help="built-in alias, .gguf file, local dir or hub id")
+    p.add_argument("--tasks", default="sinkcache_suite", help="comma-separated lm-eval task or group names")
+    p.add_argument("--policy", default="full", choices=["full", "evict", "quantize", "hybrid"], help="cache policy")
+    p.add_argument("--bits", type=int, default=None, help="quantization width (quantize/hybrid; policy default 4)")
+    p.add_argument("--budget", type=int, default=None, help="tokens held per layer (evict/hybrid)")
+    p.add_argument("--window", type=int, default=None, help="recent tokens kept exact (policy default)")
+    p.add_argument("--group-size", type=int, default=None, help="quantization group size (policy default 64)")
+    p.add_argument("--sinks", default="auto", choices=["auto", "first", "punct", "none"], help="sink selection")
+    p.add_argument("--n-first", type=int, default=1, help="leading tokens that are always sinks")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per batch (left-padded)")
+    p.add_argument("--output", default=None, help="write the JSON report here")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import print_report, run_eval
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    result = run_eval(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        policy=args.policy,
+        bits=args.bits,
+        budget=args.budget,
+        window=args.window,
+        group_size=args.group_size,
+        sinks=args.sinks,
+        n_first=args.n_first,
+        limit=limit,
+        output=args.output,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        apply_chat_template=args.chat,
+    )
+    print_report(result)
+    return 0
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="find attention sinks per layer x head; write report.json, a heatmap and a token strip",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model", help="built-in alias, .gguf file, local dir or hub id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="analyse this text file (default: held-out stdlib docstrings)")
+    src.add_argument("--prompt", default=None, help="analyse this string")
+    p.add_argument("--out", default="sink-report", help="output directory")
+    p.add_argument("--max-tokens", type=int, default=None, help="truncate the text to this many tokens")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_detect)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .analysis import detect_command
+
+    kw = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
+    return detect_command(
+        args.model, text=args.text, prompt=args.prompt, out_dir=args.out, dtype=args.dtype, plots=not args.no_plots, **kw
+    )
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure which token ids act as sinks in which layers on calibration text; save a profile JSON",
+        description="A cache given profile=PATH (or the model's name, for shipped profiles) then picks sinks "
+        "by token id at no runtime cost.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model", help="built-in alias, .gguf file, local dir or hub id")
+    p.add_argument("--out", default=None, help="profile JSON path (default: <model>.json in the current dir)")
+    p.add_argument("--text", default=None, help="calibration text file (default: stdlib docstrings, calibration split)")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import profile_command
+
+    return profile_command(args.model, out=args.out, text=args.text, dtype=args.dtype)
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: Parser builders of every subcommand, in --help order.
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_demo]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_generate,
+    _add_demo,
+    _add_eval,
+    _add_detect,
+    _add_profile,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
