@@ -18,6 +18,10 @@ auto               the first token + keys measured by ``AutoSinks`` (``--thresho
 auto-far           ``auto`` ignoring attention to keys closer than ``--min-distance`` (see below)
 random-matched     the first token + as many *random* tokens as ``auto`` kept, in the same layer,
                    kv head and block (so equal memory)
+random-far         the same, matched to ``auto-far``
+oracle-matched     as many tokens as ``auto`` kept per (layer, kv head), chosen as those that receive
+                   the most attention in total from all later queries of the whole sample (measured
+                   beforehand with full precision: an upper bound for attention-based selection)
 punct-matched      the first token + as many random *punctuation* tokens as ``auto`` kept
 first-window       the first token, window enlarged by auto's mean sinks per (layer, kv head):
                    the same memory spent on recency instead
@@ -28,8 +32,8 @@ profile            ``ProfileSinks`` with ``--profile`` (default: the shipped pro
 keys closer than ``--min-distance`` positions is left out (within a chunk the last queries' attention
 is mostly local, which marks recent tokens rather than sinks).
 
-``random-matched``/``punct-matched``/``first-window`` replay counts recorded from the latest
-``auto``/``auto-far`` run on the same sample, so one of those must be listed before them.
+``random-matched``/``punct-matched``/``first-window`` replay counts recorded from the ``auto`` run
+on the same sample (``random-far``: from ``auto-far``), so that one must be listed before them.
 
 Calibrating the detector threshold (calibration split only)::
 
@@ -62,13 +66,15 @@ from typing import Any
 import torch
 
 from sinkcache import SinkCache
+from sinkcache.analysis import attention_pass
 from sinkcache.calibration import token_chunks
 from sinkcache.detect import DEFAULT_THRESHOLD, AutoSinks, _rope
 from sinkcache.profile import ProfileSinks, load_profile
 from sinkcache.sinks import SinkSelector, punctuation_token_ids
 
 ALL_CONFIGS = (
-    "full", "none", "first", "punct", "auto", "auto-far", "random-matched", "punct-matched", "first-window", "profile",
+    "full", "none", "first", "punct", "auto", "auto-far", "random-matched", "random-far", "punct-matched",
+    "first-window", "profile", "oracle-matched",
 )
 
 
@@ -144,6 +150,55 @@ class FarAutoSinks(RecordingAutoSinks):
             return None
 
         return hook
+
+
+def oracle_scores(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per layer ``[kv_heads, T]``: attention each key receives in total from all later queries of
+    ``ids`` (full-precision eager pass; query heads of a kv group averaged; the first token zeroed)."""
+    scores: dict[int, torch.Tensor] = {}
+
+    def on_layer(idx, module, weights, hidden):
+        hq, t = weights.shape[1], weights.shape[-1]
+        hk = module.k_proj.out_features // module.head_dim
+        s = weights[0].view(hk, hq // hk, t, t).mean(1).sum(1)  # [Hk, T]
+        s[:, 0] = 0.0
+        scores[idx] = s
+
+    attention_pass(model, ids, on_layer)
+    return scores
+
+
+class OracleSinks(SinkSelector):
+    """First token + per (layer, kv head) the ``k`` keys with the highest oracle score, ``k`` being
+    the total that a recorded run kept there."""
+
+    name = "oracle-matched"
+
+    def __init__(self, scores: dict[int, torch.Tensor], counts: dict) -> None:
+        super().__init__(n_first=1, max_sinks=None)
+        totals: dict[int, torch.Tensor] = {}
+        for (layer, _, _), c in counts.items():
+            totals[layer] = totals.get(layer, 0) + c[0]  # [Hk], batch row 0
+        self.chosen: dict[int, torch.Tensor] = {}
+        for layer, sc in scores.items():
+            k = totals.get(layer)
+            mask = torch.zeros_like(sc, dtype=torch.bool)
+            if k is not None:
+                for h in range(sc.shape[0]):
+                    kk = int(k[h]) if k.numel() == sc.shape[0] else int(k.float().mean())
+                    if kk:
+                        mask[h, sc[h].topk(min(kk, sc.shape[1])).indices] = True
+            self.chosen[layer] = mask
+
+    def mark(self, layer_idx, cols, ctx, keys, attention=None):
+        first = self.first_mask(cols, ctx, keys.shape[0]).to(keys.device)
+        ch = self.chosen.get(layer_idx)
+        if ch is None or int(cols.max()) >= ch.shape[1]:
+            return first
+        picked = ch[:, cols.cpu()].unsqueeze(0).to(keys.device)  # [1, Hk, C]
+        if picked.shape[1] != keys.shape[1]:
+            picked = picked.any(1, keepdim=True)
+        return first | picked
 
 
 class MatchedSinks(SinkSelector):
@@ -227,12 +282,13 @@ def make_cache(kind: str, model, tok, args, state: dict[str, Any]) -> SinkCache:
         return SinkCache(**q, sinks=sel, model=model)
     if kind == "auto-far":
         sel = FarAutoSinks(threshold=state["threshold"], obs_window=args.obs_window, min_distance=args.min_distance)
-        state["auto_selector"] = sel
+        state["far_selector"] = sel
         return SinkCache(**q, sinks=sel, model=model)
-    if kind in ("random-matched", "punct-matched", "first-window"):
-        rec = state.get("auto_selector")
+    if kind in ("random-matched", "random-far", "punct-matched", "first-window"):
+        src = "auto-far" if kind == "random-far" else "auto"
+        rec = state.get("far_selector" if kind == "random-far" else "auto_selector")
         if rec is None:
-            raise SystemExit(f"config {kind!r} needs 'auto' earlier in --configs")
+            raise SystemExit(f"config {kind!r} needs {src!r} earlier in --configs")
         if kind == "first-window":
             extra = state["auto_mean_sinks"]
             return SinkCache(**dict(q, window=args.window + int(round(extra))), sinks="first", model=model)
@@ -242,6 +298,11 @@ def make_cache(kind: str, model, tok, args, state: dict[str, Any]) -> SinkCache:
         return SinkCache(**q, sinks=sel, model=model)
     if kind == "profile":
         return SinkCache(**q, sinks=ProfileSinks(state["profile"]), model=model)
+    if kind == "oracle-matched":
+        rec = state.get("auto_selector")
+        if rec is None:
+            raise SystemExit("config 'oracle-matched' needs 'auto' earlier in --configs")
+        return SinkCache(**q, sinks=OracleSinks(oracle_scores(model, state["ids"]), rec.counts), model=model)
     raise SystemExit(f"unknown config {kind!r}; known: {', '.join(ALL_CONFIGS)}")
 
 
@@ -257,6 +318,7 @@ def run_configs(model, tok, samples: list[list[int]], configs: list[str], args, 
     res: dict[str, dict[str, Any]] = {k: {"nll": 0.0, "n": 0, "memory": [], "dense": [], "sinks": [], "seconds": 0.0} for k in configs}
     for si, sample in enumerate(samples):
         ids = torch.tensor([sample])
+        state["ids"] = ids
         for kind in configs:
             cache = make_cache(kind, model, tok, args, state)
             t0 = time.perf_counter()
@@ -268,7 +330,7 @@ def run_configs(model, tok, samples: list[list[int]], configs: list[str], args, 
             r["memory"].append(cache.memory_bytes())
             r["dense"].append(cache.dense_bytes())
             r["sinks"].append(_compressed_sinks(cache) if kind != "full" else 0.0)
-            if kind in ("auto", "auto-far"):
+            if kind == "auto":
                 state["auto_mean_sinks"] = max(0.0, r["sinks"][-1] - 1.0)
             cache.detach()
             if args.verbose:
@@ -290,7 +352,7 @@ def run_configs(model, tok, samples: list[list[int]], configs: list[str], args, 
             "sinks_per_layer_head": round(statistics.mean(r["sinks"]), 3),
             "seconds": round(r["seconds"], 1),
         }
-        if kind in ("random-matched", "punct-matched"):
+        if kind in ("random-matched", "random-far", "punct-matched"):
             out[kind]["shortfall"] = state[f"{kind}_selector"].shortfall
     return out
 
@@ -364,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", default=None, help="comma list: sweep auto (and matched configs) over these")
     p.add_argument("--obs-window", type=int, default=32)
     p.add_argument("--min-distance", type=int, default=16, help="auto-far: ignore attention to keys this close")
-    p.add_argument("--configs", default="full,none,first,punct,auto,random-matched,punct-matched,first-window,profile")
+    p.add_argument("--configs", default="full,none,first,punct,auto,random-matched,punct-matched,profile")
     p.add_argument("--profile", default=None, help="profile JSON (default: the shipped one for --model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is; 1 is fastest on a shared box)")

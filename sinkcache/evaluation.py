@@ -620,7 +620,7 @@ def _scores(results: dict) -> dict[str, dict[str, float]]:
         out[task] = {
             k: v
             for k, v in metrics.items()
-            if k != "alias" and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if k not in ("alias", "sample_len") and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
     return out
 

@@ -2,8 +2,9 @@
 
 ``sinkcache profile MODEL`` (:func:`profile_command`) runs calibration text through the model with
 eager attention (see :mod:`sinkcache.analysis`), and for every layer and kv head counts how often
-each token id is a sink: its received attention (mean over the next ``span`` queries, averaged over
-the query heads sharing the kv head) is at least ``threshold``. An id is listed for a (layer, kv
+each token id is a sink: its received attention (mean over the next ``span`` queries) is at least
+``threshold`` for at least one of the query heads sharing the kv head (``reduce="max"``; ``"mean"``
+averages them first, as the runtime detector does). An id is listed for a (layer, kv
 head) when it was a sink at least ``min_count`` times and in at least ``min_rate`` of its
 occurrences there. The first ``n_first`` tokens are sinks by rule and are not counted.
 
@@ -39,6 +40,7 @@ DEFAULT_MIN_COUNT = 3
 DEFAULT_MIN_RATE = 0.5
 DEFAULT_CHUNKS = 16
 DEFAULT_LENGTH = 1024
+DEFAULT_REDUCE = "max"
 
 
 def _text_config(model):
@@ -80,15 +82,20 @@ def measure_sinks(
     n_first: int = 1,
     max_tokens: int = DEFAULT_LENGTH,
     min_queries: int = 8,
+    reduce: str = DEFAULT_REDUCE,
     progress: bool = False,
 ) -> SinkCounts:
     """Count, per layer / kv head / token id, how often a token is a sink on ``texts``.
 
     ``texts``: strings (tokenized with the tokenizer's special tokens, cut to ``max_tokens``) or
-    lists of token ids (used as given).
+    lists of token ids (used as given). ``reduce``: how the query heads sharing a kv head are
+    combined: ``"max"`` (a sink of any of them; default, since the cache keeps tokens per kv head) or
+    ``"mean"`` (their average attention, as :class:`~sinkcache.detect.AutoSinks` does).
     """
     if not texts:
         raise ValueError("need at least one text")
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce={reduce!r}; allowed: max, mean")
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
     if span < 1:
@@ -120,8 +127,10 @@ def measure_sinks(
         def on_layer(idx, module, weights, hidden, flat=flat, t=t, any_sink=any_sink, scored=scored):
             hq = weights.shape[1]
             group = hq // n_kv
-            att = weights[0].view(n_kv, group, t, t).mean(1)  # [Hk, T, T]
-            recv = received_from_following(att, span, min_queries)  # [Hk, T]
+            if reduce == "mean":
+                recv = received_from_following(weights[0].view(n_kv, group, t, t).mean(1), span, min_queries)
+            else:
+                recv = received_from_following(weights[0], span, min_queries).view(n_kv, group, t).amax(1)  # [Hk, T]
             valid = ~torch.isnan(recv[0])
             valid[:n_first] = False
             sink = (torch.nan_to_num(recv, nan=0.0) >= threshold) & valid
@@ -143,6 +152,7 @@ def measure_sinks(
         "span": span,
         "n_first": n_first,
         "min_queries": min_queries,
+        "reduce": reduce,
         "texts": len(texts),
         "tokens": total_tokens,
         "seconds": round(time.perf_counter() - start, 1),
@@ -210,7 +220,8 @@ def profile_from_counts(
         "n_first": st["n_first"],
         "settings": dict(
             threshold=st["threshold"], span=st["span"], min_count=min_count, min_rate=min_rate,
-            min_queries=st["min_queries"], texts=st["texts"], tokens=st["tokens"], source=source, seconds=st["seconds"],
+            min_queries=st["min_queries"], reduce=st.get("reduce", "mean"), texts=st["texts"], tokens=st["tokens"],
+            source=source, seconds=st["seconds"],
         ),
         "summary": {
             "listed_ids": len(all_ids),
@@ -238,6 +249,7 @@ def build_profile(
     n_first: int = 1,
     max_tokens: int = DEFAULT_LENGTH,
     min_queries: int = 8,
+    reduce: str = DEFAULT_REDUCE,
     model_name: str | None = None,
     source: str = "",
     progress: bool = False,
@@ -251,7 +263,7 @@ def build_profile(
         raise ValueError("min_count must be >= 1 and min_rate in (0, 1]")
     counts = measure_sinks(
         model, tokenizer, texts, threshold=threshold, span=span, n_first=n_first, max_tokens=max_tokens,
-        min_queries=min_queries, progress=progress,
+        min_queries=min_queries, reduce=reduce, progress=progress,
     )
     cfg = _text_config(model)
     name = model_name or str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "?"))
@@ -393,6 +405,7 @@ def profile_command(
     min_count: int = DEFAULT_MIN_COUNT,
     min_rate: float = DEFAULT_MIN_RATE,
     n_first: int = 1,
+    reduce: str = DEFAULT_REDUCE,
     text: str | Path | None = None,
     dtype: str = "float32",
     counts_out: str | Path | None = None,
@@ -414,6 +427,8 @@ def profile_command(
         err = "--threshold and --min-rate must be in (0, 1]"
     elif min_count < 1 or span < 1 or n_first < 0:
         err = "--min-count and --span must be >= 1, --n-first >= 0"
+    elif reduce not in ("max", "mean"):
+        err = f"--reduce {reduce!r}: allowed max, mean"
     if err:
         print(f"sinkcache: error: {err}", file=sys.stderr)
         return 2
@@ -444,7 +459,8 @@ def profile_command(
     if progress:
         print(f"profiling {model_name} on {source}", file=sys.stderr)
     counts = measure_sinks(
-        model, tok, texts, threshold=threshold, span=span, n_first=n_first, max_tokens=length, progress=progress
+        model, tok, texts, threshold=threshold, span=span, n_first=n_first, max_tokens=length, reduce=reduce,
+        progress=progress,
     )
     if counts_out is not None:
         counts.save(counts_out)
