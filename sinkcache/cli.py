@@ -266,7 +266,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         gen["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     new_ids, seconds = _generate(model, inputs, cache, gen)
     if not args.stream:
-        print(tok.decode(new_ids, skip_special_tokens=True).strip())
+        print(str(tok.decode(new_ids, skip_special_tokens=True)).strip())
     sys.stdout.flush()
     n_prompt = int(inputs["input_ids"].shape[1])
     print(
@@ -505,7 +505,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     for label, mem, new_ids, seconds in results:
         prefix, overall = agreement(new_ids, reference)
-        text = tok.decode(new_ids, skip_special_tokens=True)
+        text = str(tok.decode(new_ids, skip_special_tokens=True))
         rows.append(
             [
                 label,

@@ -234,6 +234,7 @@ def load_model(
 
     start = time.perf_counter()
     alias = resolve_alias(name)
+    source: str
     if alias is not None:
         model, tok, source, path = _load_alias(alias, kwargs, cache_dir, progress)
     else:
@@ -628,15 +629,16 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    gguf_mod = None
-    orig_tqdm = None
+    gguf_mod: Any = None
+    orig_tqdm: Any = None
     if enabled:
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
         with contextlib.suppress(ImportError):
-            import transformers.modeling_gguf_pytorch_utils as gguf_mod
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
+            gguf_mod = gguf_utils
             orig_tqdm = getattr(gguf_mod, "tqdm", None)
             if orig_tqdm is not None:
                 gguf_mod.tqdm = _disabled_tqdm(orig_tqdm)
