@@ -278,7 +278,9 @@ class EvictingLayer(CompressingLayer):
         prio = self.score.masked_fill(protected, _BIG)
         prio = prio.masked_fill(self.pos < self.ctx.pad_counts(prio.shape[0], prio.device).view(-1, 1, 1), -_BIG)
         # Sorting the kept indices keeps column order, which the padding mask relies on.
-        idx = prio.topk(n, dim=-1, sorted=False).indices.sort(dim=-1).values
+        # A stable sort breaks score ties by column order, so a left-padded row keeps the same tokens
+        # as when it runs alone (topk's tie order depends on where the row sits in memory).
+        idx = prio.argsort(dim=-1, descending=True, stable=True)[..., :n].sort(dim=-1).values
         d = self.keys.shape[-1]
         full = idx.unsqueeze(-1).expand(-1, -1, -1, d)
         self.keys = self.keys.gather(2, full)
@@ -514,7 +516,7 @@ class QuantizedLayer(CompressingLayer):
         pad = self.ctx.pad_counts(b, self.gid.device).view(-1, 1, 1)
         all_pad = (self.gid.long() + 1) * self.group <= pad
         prio = self.gscore.masked_fill(pinned, _BIG).masked_fill(all_pad, -_BIG)
-        keep = prio.topk(keep_n, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, H, keep_n]
+        keep = prio.argsort(dim=-1, descending=True, stable=True)[..., :keep_n].sort(dim=-1).values  # [B, H, keep_n]
         if bool((pinned.sum(-1) > keep_n).any()):
             raise RuntimeError(f"layer {self.layer_idx}: more sink groups than the hybrid budget holds")
         tok = (keep.unsqueeze(-1) * self.group + torch.arange(self.group, device=keep.device)).reshape(b, h, -1)
