@@ -7,8 +7,9 @@ layer's ``[heads, T, T]`` matrix exists at a time (about 38 MB for 9 heads and 1
 Definitions (all per layer x query head, on one text of ``T`` tokens; defaults in brackets):
 
 * **received attention** of key ``s``: mean attention it gets from the next ``span`` [64] queries
-  ``s+1 .. s+span`` (fewer near the end; keys with fewer than ``min_queries`` [8] followers are
-  not scored). A local window, so a delimiter that only serves its own segment still counts.
+  ``s+1 .. s+span``. Keys with fewer than ``min_queries`` followers are not scored (default
+  ``min(span, max(8, T // 8))``: the full span on long texts, so the last tokens, whose few
+  followers attend to them for locality, do not pass for sinks). A local window, so a delimiter that only serves its own segment still counts.
 * **sink**: the first token always; any other key whose received attention is at least
   ``threshold`` [0.1].
 * **mass** on a set of keys: attention the queries ``t >= skip`` [16] put on them, averaged over
@@ -53,7 +54,7 @@ DEFAULT_SPAN = 64
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_HEAD_THRESHOLD = 0.3
 DEFAULT_SKIP = 16
-DEFAULT_MIN_QUERIES = 8
+DEFAULT_MIN_QUERIES = None  # min(span, max(8, T // 8)), see default_min_queries()
 DEFAULT_MIN_CAUGHT = 8
 DEFAULT_MAX_TOKENS = 1024
 
@@ -141,6 +142,11 @@ def attention_pass(model, input_ids: torch.Tensor, on_layer: LayerCallback, atte
             h.remove()
     if errors:
         raise errors[0]
+
+
+def default_min_queries(span: int, t: int) -> int:
+    """Followers a key needs to be scored: the full ``span`` on long texts, fewer on short ones."""
+    return max(1, min(span, max(8, t // 8)))
 
 
 def received_from_following(att: torch.Tensor, span: int | None, min_queries: int) -> torch.Tensor:
@@ -264,7 +270,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _clean(x: float) -> float | None:
+def _clean(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 5)
 
 
@@ -429,16 +435,16 @@ def _layer_stats(
     # layer-level: union of sinks over heads, with the strongest received attention
     any_sink = is_sink.any(0)
     strength = torch.nan_to_num(recv, nan=0.0).max(0).values
-    pos = torch.nonzero(any_sink).flatten().tolist()
-    top = sorted(pos, key=lambda p: -float(strength[p]))[:10]
+    sink_pos: list[int] = torch.nonzero(any_sink).flatten().tolist()
+    top_pos = sorted(sink_pos, key=lambda p: -float(strength[p]))[:10]
     return {
         "layer": idx,
         "type": getattr(module, "layer_type", None) or ("sliding_attention" if getattr(module, "is_sliding", False) else "full_attention"),
         "heads": heads,
-        "sink_positions": pos,
-        "sink_heads_per_position": {str(p): int(is_sink[:, p].sum()) for p in pos},
+        "sink_positions": sink_pos,
+        "sink_heads_per_position": {str(p): int(is_sink[:, p].sum()) for p in sink_pos},
         "top_sinks": [
-            {"position": p, "text": cfg["texts"][p], "received": _clean(float(strength[p])), "class": cls[p]} for p in top
+            {"position": p, "text": cfg["texts"][p], "received": _clean(float(strength[p])), "class": cls[p]} for p in top_pos
         ],
         "segment_contrast": contrast,
         "_heads_sinking": is_sink.sum(0),  # [T], removed before the report is returned
@@ -461,7 +467,7 @@ def analyze(
     threshold: float = DEFAULT_THRESHOLD,
     head_threshold: float = DEFAULT_HEAD_THRESHOLD,
     skip: int = DEFAULT_SKIP,
-    min_queries: int = DEFAULT_MIN_QUERIES,
+    min_queries: int | None = DEFAULT_MIN_QUERIES,
     min_caught: int = DEFAULT_MIN_CAUGHT,
     max_sinks_listed: int = 32,
     model_name: str | None = None,
@@ -482,6 +488,8 @@ def analyze(
         raise ValueError(f"need at least 4 tokens, got {t}")
     if not 0.0 < threshold <= 1.0 or not 0.0 < head_threshold <= 1.0:
         raise ValueError("threshold and head_threshold must be in (0, 1]")
+    if min_queries is None:
+        min_queries = default_min_queries(span, t)
     if span < 1 or min_queries < 1:
         raise ValueError("span and min_queries must be >= 1")
     skip = max(0, min(skip, t // 4))

@@ -1,30 +1,55 @@
 """Attention-based sink detection at runtime (``sinks="auto"``).
 
 Forward hooks on the attention modules (no change to transformers code, works with sdpa) recompute
-the queries of the last ``obs_window`` positions of a multi-token forward (the prefill) and score
-the keys of that forward against them: O(obs_window * n) per layer instead of O(n^2). A key is a
-sink of a (row, kv-head) when the mean attention it receives from those queries, averaged over
-the query heads sharing that kv-head, is at least ``threshold``. The first ``n_first`` real tokens
-are always sinks. Tokens that arrive one at a time while decoding get only the first-token rule.
+queries and keys from the module's input (``q_proj``/``k_proj``, QK-norm, RoPE) and measure the
+attention each key receives. Only layers the cache compresses are observed (Gemma 3's sliding
+layers are left alone).
+
+* **Prefill** (a forward of two or more tokens): the last ``obs_window`` queries of the forward
+  score every key of the forward: O(obs_window * n) per layer instead of O(n^2). The softmax also
+  runs over a small *context* of older keys the detector keeps exactly: the first ``n_first``
+  tokens, up to ``bank_size`` confirmed sinks and the ``context`` most recent earlier tokens, so
+  that a chunked prompt is not scored as if each chunk were the whole sequence (without the first
+  token in the denominator every share is inflated). A key is a sink of a (row, kv-head) when the
+  attention it receives, averaged over the observed queries and over the query heads sharing the
+  kv-head, is at least ``threshold``.
+* **Decoding** (one token per forward): a newly generated punctuation/newline token (ids from the
+  tokenizer, see :func:`sinkcache.sinks.punctuation_token_ids`) becomes a *candidate*; each later
+  query adds the attention it gives the candidate (same softmax over context + recent keys), and
+  the candidate is confirmed as a sink if its mean is at least ``threshold`` when the layer
+  compresses it. Other generated tokens are never sinks. Without a tokenizer there are no
+  candidates.
+* The first ``n_first`` real tokens are always sinks.
 
 The hook runs *after* the layer's ``update``; that is why layers compress one forward late
-(``CompressingLayer.compress``): by then the attention of the forward a token arrived in is known.
+(``CompressingLayer.compress``): by then the attention a token drew in the forward it arrived in is
+known. Measurements wait per layer until the layer marks those columns, so a recent window of any
+size works.
+
+The softmax denominator leaves out older, non-sink tokens (they are compressed and the detector
+does not read the cache), so shares are slight over-estimates; ``threshold`` was calibrated with
+this definition (docs/sinks.md).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .context import TokenContext
-from .sinks import FirstSinks, SinkSelector
+from .sinks import FirstSinks, SinkSelector, punctuation_token_ids
 
-#: Default mean attention (from the observation window) that makes a key a sink. Chosen on
-#: smollm2-135m, see docs/sinks.md.
+#: Default mean attention (from the observation window) that makes a key a sink. Calibrated on the
+#: calibration split (docs/sinks.md, evals/results/sinks/).
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_OBS_WINDOW = 32
+#: Recent earlier keys kept exactly for the softmax denominator (and to score decode candidates).
+DEFAULT_CONTEXT = 64
+#: Confirmed sinks kept exactly for the softmax denominator, per layer (the most recent ones).
+DEFAULT_BANK = 64
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,23 +72,13 @@ def attention_modules(model) -> list[tuple[int, Any]]:
     return out
 
 
-def received_attention(
-    module,
-    hidden_states: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    obs_window: int,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean attention each key of this forward receives from its last ``obs_window`` queries.
-
-    ``valid``: optional ``[B, T]`` bool, False for left padding: pad keys get no attention and
-    pad queries do not count in the mean.
-    Returns ``[B, kv_heads, T]`` (query heads averaged within their GQA group).
-    """
+def project_qk(
+    module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries of the last ``w`` positions ``[B, Hq, w, D]`` and keys of all ``[B, Hk, T, D]``,
+    post-norm and post-RoPE, float32 (what the attention module computes)."""
     b, t, _ = hidden_states.shape
     d = module.head_dim
-    w = min(obs_window, t)
     q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
     k = module.k_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
     if getattr(module, "q_norm", None) is not None:
@@ -72,21 +87,110 @@ def received_attention(
         k = module.k_norm(k)
     q = _rope(q, cos[:, -w:], sin[:, -w:])
     k = _rope(k, cos, sin)
-    hq, hk = q.shape[1], k.shape[1]
-    q = q.view(b, hk, hq // hk, w, d).float()
-    scores = torch.einsum("bgrwd,bgtd->bgrwt", q, k.float()) * module.scaling
+    return q.float(), k.float()
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor | None = None,
+    ctx_k: torch.Tensor | None = None,
+    ctx_ok: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean attention the ``w`` queries ``q`` ``[B, Hq, w, D]`` (the last ``w`` positions of the
+    forward) give each key of the forward ``k`` ``[B, Hk, T, D]`` and of an optional older context
+    ``ctx_k`` ``[B, Hk, M, D]`` (``ctx_ok`` ``[B, M]`` bool: usable), in one softmax.
+
+    ``valid``: ``[B, T]`` bool, False for left padding: pad keys get no attention and pad queries
+    do not count in the mean. Returns ``([B, Hk, T], [B, Hk, M] or None)``, query heads averaged
+    within their GQA group.
+    """
+    b, hq, w, d = q.shape
+    hk, t = k.shape[1], k.shape[2]
+    qg = q.view(b, hk, hq // hk, w, d)
+    scores = torch.einsum("bgrwd,bgtd->bgrwt", qg, k) * scaling
     causal = torch.arange(t, device=q.device).view(1, t) > torch.arange(t - w, t, device=q.device).view(w, 1)
     scores = scores.masked_fill(causal, float("-inf"))
-    if valid is None:
-        return scores.softmax(-1).mean(dim=(2, 3))
-    scores = scores.masked_fill(~valid.view(b, 1, 1, 1, t), float("-inf"))
+    if valid is not None:
+        scores = scores.masked_fill(~valid.view(b, 1, 1, 1, t), float("-inf"))
+    m = 0
+    if ctx_k is not None and ctx_k.shape[2]:
+        m = ctx_k.shape[2]
+        cs = torch.einsum("bgrwd,bgmd->bgrwm", qg, ctx_k) * scaling
+        if ctx_ok is not None:
+            cs = cs.masked_fill(~ctx_ok.view(b, 1, 1, 1, m), float("-inf"))
+        scores = torch.cat([cs, scores], dim=-1)
     probs = scores.softmax(-1).nan_to_num(0.0)  # a pad query sees only pads: all -inf -> no weight
-    qw = valid[:, -w:].to(probs.dtype).view(b, 1, 1, w, 1)
-    return (probs * qw).sum(3).mean(2) / qw.sum(3).clamp_min(1).view(b, 1, 1)
+    if valid is None:
+        rec = probs.mean(dim=(2, 3))
+    else:
+        qw = valid[:, -w:].to(probs.dtype).view(b, 1, 1, w, 1)
+        rec = (probs * qw).sum(3).mean(2) / qw.sum(3).clamp_min(1).view(b, 1, 1)
+    return rec[..., m:], (rec[..., :m] if m else None)
+
+
+def received_attention(
+    module,
+    hidden_states: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    obs_window: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean attention each key of this forward receives from its last ``obs_window`` queries
+    (softmax over this forward's keys only). ``valid``: see :func:`window_attention`.
+
+    Returns ``[B, kv_heads, T]`` (query heads averaged within their GQA group).
+    """
+    w = min(obs_window, hidden_states.shape[1])
+    q, k = project_qk(module, hidden_states, cos, sin, w)
+    return window_attention(q, k, module.scaling, valid)[0]
+
+
+@dataclass
+class _LayerState:
+    """What the detector keeps for one layer (all per-row tensors have the batch first)."""
+
+    # measurements waiting for the layer to mark them: columns lo .. lo + n - 1
+    lo: int = 0
+    sum: torch.Tensor | None = None  # [B, Hk, n] summed attention shares
+    cnt: torch.Tensor | None = None  # [n] how many measurements the sum holds (0: not measured)
+    cand: torch.Tensor | None = None  # [n] bool: a decode-time candidate still collecting attention
+    dec: torch.Tensor | None = None  # [n] bool: fed one token at a time (decoding)
+    # exact keys of older tokens for the softmax denominator
+    bank_k: torch.Tensor | None = None  # [B, Hk, S, D] first tokens + confirmed sinks
+    bank_col: list[int] = field(default_factory=list)
+    bank_ok: torch.Tensor | None = None  # [B, S]
+    bank_first: list[bool] = field(default_factory=list)  # a first token (never dropped from the bank)
+    ring_k: torch.Tensor | None = None  # [B, Hk, R, D] the most recent earlier tokens
+    ring_col: list[int] = field(default_factory=list)
+    ring_ok: torch.Tensor | None = None  # [B, R]
+
+    def end(self) -> int:
+        return self.lo + (0 if self.cnt is None else int(self.cnt.numel()))
+
+    def map_rows(self, fn) -> None:
+        for name in ("sum", "bank_k", "bank_ok", "ring_k", "ring_ok"):  # not cnt/cand/dec: per column
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
 
 
 class AutoSinks(SinkSelector):
-    """First token(s) plus keys measured to draw at least ``threshold`` attention."""
+    """First token(s) plus keys measured to draw at least ``threshold`` attention.
+
+    Args:
+        n_first: leading real tokens that are always sinks.
+        max_sinks: cap per (row, kv-head, layer) (applied by the layer, in column order).
+        threshold: mean attention share that makes a key a sink.
+        obs_window: prefill queries that score the keys (the last ones of the forward); also how
+            many decode queries a candidate collects at most.
+        punct_ids: token ids that become candidates when generated (``None``: no decode-time
+            detection); :func:`make_auto_sinks` fills them from the tokenizer.
+        context: recent earlier keys kept exactly for the denominator.
+        bank_size: confirmed sinks kept exactly for the denominator, per layer.
+    """
 
     name = "auto"
     needs_attention = True
@@ -97,23 +201,32 @@ class AutoSinks(SinkSelector):
         max_sinks: int | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         obs_window: int = DEFAULT_OBS_WINDOW,
+        punct_ids: Any = None,
+        context: int = DEFAULT_CONTEXT,
+        bank_size: int = DEFAULT_BANK,
     ) -> None:
         super().__init__(n_first=n_first, max_sinks=max_sinks)
-        if not 0.0 < float(threshold) <= 1.0:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) <= 1.0:
             raise ValueError(f"threshold={threshold!r} must be in (0, 1]")
-        if isinstance(obs_window, bool) or not isinstance(obs_window, int) or obs_window < 1:
-            raise ValueError(f"obs_window={obs_window!r} must be an integer >= 1")
+        for nm, v, lo in (("obs_window", obs_window, 1), ("context", context, 0), ("bank_size", bank_size, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{nm}={v!r} must be an integer >= {lo}")
         self.threshold = float(threshold)
         self.obs_window = obs_window
-        # layer_idx -> (first column, [B, kv_heads, T] attention received)
-        self.observed: dict[int, tuple[int, torch.Tensor]] = {}
+        self.context = context
+        self.bank_size = bank_size
+        self.punct_ids = (
+            None if punct_ids is None else torch.tensor(sorted({int(i) for i in punct_ids}), dtype=torch.long)
+        )
+        self.needs_ids = self.punct_ids is not None
+        self.state: dict[int, _LayerState] = {}
         self._handles: list = []
 
+    # ---- hooks ----------------------------------------------------------------------------------
     def attach(self, model, cache) -> None:
         """Install observation hooks on ``model``'s attention modules, acting for ``cache`` only."""
         ref = weakref.ref(cache)
-        mods = attention_modules(model)
-        for idx, module in mods:
+        for idx, module in attention_modules(model):
             self._handles.append(module.register_forward_hook(self._make_hook(idx, ref), with_kwargs=True))
 
     def _make_hook(self, idx: int, ref):
@@ -126,17 +239,152 @@ class AutoSinks(SinkSelector):
                 return None
             hs = kwargs.get("hidden_states", args[0] if args else None)
             pe = kwargs.get("position_embeddings")
-            if hs is None or pe is None or hs.shape[1] < 2:
+            if hs is None or pe is None or idx >= len(cache.layers):
                 return None
-            start = cache.get_seq_length(idx) - hs.shape[1] if idx < len(cache.layers) else 0
-            cols = torch.arange(start, start + hs.shape[1], device=hs.device)
-            valid = cols.view(1, -1) >= cache.ctx.pad_counts(hs.shape[0], hs.device).view(-1, 1)
+            layer = cache.layers[idx]
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "sink_count"):
+                return None  # a layer the cache does not compress: nothing to decide
             with torch.no_grad():
-                att = received_attention(module, hs, pe[0], pe[1], self.obs_window, valid)
-            self.observed[idx] = (start, att)
+                self.observe(idx, module, hs, pe[0], pe[1], cache.get_seq_length(idx) - hs.shape[1], cache.ctx)
             return None
 
         return hook
+
+    def observe(self, idx: int, module, hs: torch.Tensor, cos, sin, start: int, ctx: TokenContext) -> None:
+        """Measure one forward of layer ``idx`` (``hs`` ``[B, T, D]``, its first column ``start``)."""
+        b, t = hs.shape[0], hs.shape[1]
+        st = self.state.setdefault(idx, _LayerState())
+        if st.cnt is not None and (st.sum is None or st.sum.shape[0] != b):
+            st = self.state[idx] = _LayerState()  # batch changed without a batch op: start over
+        self._truncate(st, start)  # columns >= start are being re-fed (crop, assisted decoding)
+        cols = torch.arange(start, start + t, device=hs.device)
+        pad = ctx.pad_counts(b, hs.device)
+        valid = cols.view(1, -1) >= pad.view(-1, 1)  # [B, T]
+        w = min(self.obs_window, t)
+        q, k = project_qk(module, hs, cos, sin, w)
+        ctx_k, ctx_ok, ctx_cols = self._context(st, b, k)
+        new, old = window_attention(q, k, module.scaling, valid, ctx_k, ctx_ok)
+        hk = k.shape[1]
+        # decode-time candidates among the context keys collect this forward's attention
+        if old is not None and st.cand is not None and bool(st.cand.any()):
+            for j, c in enumerate(ctx_cols):
+                r = c - st.lo
+                if 0 <= r < st.cand.numel() and bool(st.cand[r]):
+                    assert st.sum is not None and st.cnt is not None
+                    st.sum[:, :, r] += old[:, :, j].to(st.sum.device)
+                    st.cnt[r] += 1
+                    if int(st.cnt[r]) >= self.obs_window:
+                        st.cand[r] = False
+        # this forward's keys
+        if t >= 2:
+            s_new = new
+            c_new = torch.ones(t, dtype=torch.long)
+            cand_new = torch.zeros(t, dtype=torch.bool)
+        else:
+            s_new = torch.zeros(b, hk, t, dtype=torch.float32, device=hs.device)
+            c_new = torch.zeros(t, dtype=torch.long)
+            cand_new = self._is_candidate(ctx, cols, b)
+        self._append(st, start, s_new, c_new, cand_new, torch.full((t,), t == 1, dtype=torch.bool))
+        # the context for later forwards
+        real_idx = cols.view(1, -1) - pad.view(-1, 1)
+        is_first = (real_idx >= 0) & (real_idx < self.n_first)  # [B, T]
+        confirmed = (new >= self.threshold).any(1) & valid if t >= 2 else torch.zeros_like(valid)
+        self._add_bank(st, k, cols, is_first, first=True)
+        self._add_bank(st, k, cols, confirmed & ~is_first)
+        self._add_ring(st, k, cols, valid)
+
+    def _is_candidate(self, ctx: TokenContext, cols: torch.Tensor, b: int) -> torch.Tensor:
+        if self.punct_ids is None:
+            return torch.zeros(cols.numel(), dtype=torch.bool)
+        ids = ctx.ids_at(cols.cpu(), b)
+        if ids is None:
+            return torch.zeros(cols.numel(), dtype=torch.bool)
+        return torch.isin(ids.cpu(), self.punct_ids).any(0)
+
+    def _context(self, st: _LayerState, b: int, k: torch.Tensor):
+        parts_k, parts_ok, cols = [], [], []
+        if st.bank_k is not None and st.bank_ok is not None and st.bank_col:
+            parts_k.append(st.bank_k)
+            parts_ok.append(st.bank_ok)
+            cols += st.bank_col
+        if st.ring_k is not None and st.ring_ok is not None and st.ring_col:
+            in_bank = set(st.bank_col)
+            keep = [i for i, c in enumerate(st.ring_col) if c not in in_bank]
+            if keep:
+                ix = torch.tensor(keep, device=st.ring_k.device)
+                parts_k.append(st.ring_k.index_select(2, ix))
+                parts_ok.append(st.ring_ok.index_select(1, ix))
+                cols += [st.ring_col[i] for i in keep]
+        if not parts_k or parts_k[0].shape[0] != b:
+            return None, None, []
+        return torch.cat(parts_k, 2).to(k.device), torch.cat(parts_ok, 1).to(k.device), cols
+
+    def _append(
+        self, st: _LayerState, start: int, s: torch.Tensor, c: torch.Tensor, cand: torch.Tensor, dec: torch.Tensor
+    ) -> None:
+        if st.cnt is None or st.sum is None or st.cand is None or st.dec is None or st.cnt.numel() == 0:
+            st.lo, st.sum, st.cnt, st.cand, st.dec = start, s, c, cand, dec
+            return
+        st.sum = torch.cat([st.sum, s.to(st.sum.device)], dim=2)
+        st.cnt = torch.cat([st.cnt, c])
+        st.cand = torch.cat([st.cand, cand])
+        st.dec = torch.cat([st.dec, dec])
+
+    def _add_bank(
+        self, st: _LayerState, k: torch.Tensor, cols: torch.Tensor, rows_ok: torch.Tensor, first: bool = False
+    ) -> None:
+        """Add the columns some row has in ``rows_ok`` ``[B, T]`` (keys ``k``) to the bank."""
+        take = rows_ok.any(0).nonzero().flatten()
+        if take.numel() == 0 or (self.bank_size == 0 and not first):
+            return
+        kk, ok = k.index_select(2, take), rows_ok.index_select(1, take)
+        new_cols = [int(cols[i]) for i in take.tolist()]
+        if st.bank_k is None or st.bank_ok is None:
+            st.bank_k, st.bank_ok, st.bank_col, st.bank_first = kk, ok, new_cols, [first] * len(new_cols)
+        else:
+            st.bank_k = torch.cat([st.bank_k, kk.to(st.bank_k.device)], 2)
+            st.bank_ok = torch.cat([st.bank_ok, ok.to(st.bank_ok.device)], 1)
+            st.bank_col = st.bank_col + new_cols
+            st.bank_first = st.bank_first + [first] * len(new_cols)
+        # keep the first tokens and the bank_size most recent others
+        others = [i for i, f in enumerate(st.bank_first) if not f]
+        if len(others) > self.bank_size:
+            drop = set(others[: len(others) - self.bank_size])
+            self._keep(st, "bank", [i for i in range(len(st.bank_col)) if i not in drop])
+
+    @staticmethod
+    def _keep(st: _LayerState, kind: str, keep: list[int]) -> None:
+        kt, okt = getattr(st, f"{kind}_k"), getattr(st, f"{kind}_ok")
+        ix = torch.tensor(keep, dtype=torch.long, device=kt.device)
+        setattr(st, f"{kind}_k", kt.index_select(2, ix))
+        setattr(st, f"{kind}_ok", okt.index_select(1, ix.to(okt.device)))
+        setattr(st, f"{kind}_col", [getattr(st, f"{kind}_col")[i] for i in keep])
+        if kind == "bank":
+            st.bank_first = [st.bank_first[i] for i in keep]
+
+    def _add_ring(self, st: _LayerState, k: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> None:
+        if self.context == 0:
+            return
+        n = min(self.context, k.shape[2])
+        kk, ok = k[:, :, -n:], valid[:, -n:]
+        new_cols = [int(c) for c in cols[-n:].tolist()]
+        if st.ring_k is None or st.ring_ok is None:
+            st.ring_k, st.ring_ok, st.ring_col = kk, ok, new_cols
+        else:
+            st.ring_k = torch.cat([st.ring_k, kk], 2)[:, :, -self.context :]
+            st.ring_ok = torch.cat([st.ring_ok, ok], 1)[:, -self.context :]
+            st.ring_col = (st.ring_col + new_cols)[-self.context :]
+
+    def _truncate(self, st: _LayerState, start: int) -> None:
+        """Forget everything about columns >= ``start`` (they are being fed again)."""
+        if st.cnt is not None and st.end() > start:
+            keep = max(0, start - st.lo)
+            assert st.sum is not None and st.cand is not None and st.dec is not None
+            st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, :keep], st.cnt[:keep], st.cand[:keep], st.dec[:keep]
+        for kind in ("bank", "ring"):
+            col = getattr(st, f"{kind}_col")
+            if col and max(col) >= start:
+                self._keep(st, kind, [i for i, c in enumerate(col) if c < start])
 
     def detach(self) -> None:
         for h in self._handles:
@@ -144,44 +392,75 @@ class AutoSinks(SinkSelector):
         self._handles = []
 
     def reset(self) -> None:
-        self.observed.clear()
+        self.state.clear()
 
-    # The observations are per row: they follow the cache's batch operations.
+    # The measurements are per row: they follow the cache's batch operations.
     def reorder(self, idx: torch.Tensor) -> None:
-        self.observed = {k: (s, a.index_select(0, idx.to(a.device))) for k, (s, a) in self.observed.items()}
+        for st in self.state.values():
+            st.map_rows(lambda t: t.index_select(0, idx.to(t.device)))
 
     def repeat_interleave(self, repeats: int) -> None:
-        self.observed = {k: (s, a.repeat_interleave(repeats, dim=0)) for k, (s, a) in self.observed.items()}
+        for st in self.state.values():
+            st.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    # ---- the selector -----------------------------------------------------------------------------
+    def received(self, layer_idx: int, cols: torch.Tensor, batch: int, heads: int, device) -> torch.Tensor:
+        """``[B, Hk, C]`` measured attention share of ``cols`` (0 where nothing was measured)."""
+        a = torch.zeros(batch, heads, cols.numel(), device=device)
+        st = self.state.get(layer_idx)
+        if st is None or st.sum is None or st.cnt is None or st.sum.shape[0] != batch or st.sum.shape[1] != heads:
+            return a
+        rel = cols.cpu() - st.lo
+        inside = (rel >= 0) & (rel < st.cnt.numel())
+        if not bool(inside.any()):
+            return a
+        r = rel[inside]
+        est = st.sum[:, :, r.to(st.sum.device)] / st.cnt[r].clamp_min(1).to(st.sum.device)
+        a[:, :, inside.to(device)] = est.to(device)
+        return a
 
     def mark(self, layer_idx, cols, ctx: TokenContext, keys, attention=None):
-        first = self.first_mask(cols, ctx, keys.shape[0])
-        obs = self.observed.get(layer_idx)
-        if obs is None:
+        b, hk = keys.shape[0], keys.shape[1]
+        first = self.first_mask(cols, ctx, b).to(keys.device)
+        st = self.state.get(layer_idx)
+        if st is None or st.cnt is None:
             return first
-        start, att = obs
-        rel = cols.to(att.device) - start
-        inside = (rel >= 0) & (rel < att.shape[-1])
-        if not bool(inside.any()) or att.shape[0] != keys.shape[0]:
-            return first
-        a = torch.zeros(keys.shape[0], att.shape[1], cols.numel(), device=keys.device)
-        a[:, :, inside] = att[:, :, rel[inside]].to(keys.device)
-        pad = ctx.pad_counts(keys.shape[0], cols.device)
-        real = (cols.view(1, -1) >= pad.view(-1, 1)).unsqueeze(1)
-        return first | ((a >= self.threshold) & real)
+        a = self.received(layer_idx, cols, b, hk, keys.device)
+        pad = ctx.pad_counts(b, cols.device)
+        real = (cols.view(1, -1) >= pad.view(-1, 1)).unsqueeze(1).to(keys.device)
+        marks = first | ((a >= self.threshold) & real)
+        # decode-time candidates confirmed now join the denominator bank
+        rel = cols.cpu() - st.lo
+        inside = (rel >= 0) & (rel < st.cnt.numel())
+        if st.dec is not None and bool(inside.any()):
+            was_dec = torch.zeros(cols.numel(), dtype=torch.bool)
+            was_dec[inside] = st.dec[rel[inside]] & (st.cnt[rel[inside]] > 0)
+            conf = (marks & ~first).any(1) & was_dec.to(keys.device).view(1, -1)  # [B, C]
+            if bool(conf.any()):
+                self._add_bank(st, keys.float(), cols, conf)
+        # everything up to the last marked column is decided: drop its measurements
+        done = min(int(cols.max()) + 1 - st.lo, st.cnt.numel())
+        if done > 0 and st.sum is not None and st.cand is not None and st.dec is not None:
+            st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, done:], st.cnt[done:], st.cand[done:], st.dec[done:]
+            st.lo += done
+        return marks
 
     def __repr__(self) -> str:
         return (
             f"AutoSinks(n_first={self.n_first}, max_sinks={self.max_sinks}, threshold={self.threshold}, "
-            f"obs_window={self.obs_window})"
+            f"obs_window={self.obs_window}, decode_candidates={self.punct_ids is not None})"
         )
 
 
 def make_auto_sinks(n_first: int, max_sinks: int | None, model: Any, tokenizer: Any) -> SinkSelector:
-    """``sinks="auto"``: attention-measured sinks when the model is attached, else the first token(s)."""
+    """``sinks="auto"``: attention-measured sinks when the model is attached, else the first token(s).
+
+    With a tokenizer, generated punctuation/newline tokens are decode-time candidates."""
     if model is None or not attention_modules(model):
         sel = FirstSinks(n_first)
         sel.name = "auto"  # reported as what the user asked for; behaves as "first" (documented)
         if max_sinks is not None:
             sel.max_sinks = max_sinks  # keep the budget check honest about what was asked for
         return sel
-    return AutoSinks(n_first=n_first, max_sinks=max_sinks)
+    punct = punctuation_token_ids(tokenizer) if tokenizer is not None else None
+    return AutoSinks(n_first=n_first, max_sinks=max_sinks, punct_ids=punct)

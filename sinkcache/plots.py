@@ -25,7 +25,7 @@ def plot_heatmap(report: Report, path: str | Path) -> Path:
     plt = _pyplot()
     panels = [
         ("first_mass", "on the first token"),
-        ("nonfirst", "on other sinks (punct./newline/other)"),
+        ("nonfirst", "on other sinks\n(punct./newline/other)"),
         ("sink_mass", "on all sinks"),
     ]
     first = report.matrix("first_mass")
@@ -37,20 +37,22 @@ def plot_heatmap(report: Report, path: str | Path) -> Path:
     }
     n_layers = len(first)
     n_heads = len(first[0]) if first else 0
-    fig, axes = plt.subplots(1, 3, figsize=(3.2 + 1.2 * n_heads, 1.5 + 0.22 * n_layers), squeeze=False)
+    width = max(10.0, 2.0 + 3 * (0.45 * n_heads + 1.0))
+    fig, axes = plt.subplots(1, 3, figsize=(width, 1.8 + 0.22 * n_layers), squeeze=False)
+    ylabels = [f"{lay['layer']}{' s' if 'sliding' in str(lay['type']) else ''}" for lay in report.layers]
     im = None
     for ax, (key, title) in zip(axes[0], panels, strict=True):
         im = ax.imshow(data[key], aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
-        ax.set_title(f"attention {title}", fontsize=9)
+        ax.set_title(f"attention {title}", fontsize=8)
         ax.set_xlabel("head")
         ax.set_xticks(range(n_heads))
-        ax.set_yticks(range(n_layers))
+        ax.set_yticks(range(n_layers), ylabels)
         ax.tick_params(labelsize=7)
         for li, layer in enumerate(report.layers):
             for hi, head in enumerate(layer["heads"]):
                 if head["sink_head"] and key == "sink_mass":
                     ax.text(hi, li, "*", ha="center", va="center", color="white", fontsize=7)
-    axes[0][0].set_ylabel("layer")
+    axes[0][0].set_ylabel("layer (s = sliding window)" if any(" s" in y for y in ylabels) else "layer")
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean attention per query")
     fig.suptitle(
@@ -75,7 +77,7 @@ def plot_token_strip(report: Report, path: str | Path, max_tokens: int = 512, pe
     cmap = plt.get_cmap("Reds")
     for i, tk in enumerate(toks):
         r, c = divmod(i, per_row)
-        frac = min(1.0, tk["sink_heads"] / n_heads)
+        frac = min(1.0, (tk["sink_heads"] / n_heads) ** 0.5)  # sqrt: a sink of one head still shows
         ax.add_patch(
             Rectangle(
                 (c, -r), 0.96, 0.9, facecolor=cmap(0.08 + 0.92 * frac), edgecolor=CLASS_COLORS[tk["class"]],
@@ -92,7 +94,7 @@ def plot_token_strip(report: Report, path: str | Path, max_tokens: int = 512, pe
     handles = [Rectangle((0, 0), 1, 1, facecolor="white", edgecolor=col, linewidth=1.2) for col in CLASS_COLORS.values()]
     ax.legend(handles, list(CLASS_COLORS), loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=6, frameon=False)
     shown = f"first {len(toks)} of {len(report.tokens)} tokens" if len(toks) < len(report.tokens) else f"{len(toks)} tokens"
-    ax.set_title(f"{report.model}: sink tokens ({shown}; darker = sink in more heads)", fontsize=9, loc="left")
+    ax.set_title(f"{report.model}: sink tokens ({shown}; darker = sink in more heads (sqrt scale))", fontsize=9, loc="left")
     out = Path(path)
     fig.savefig(out, dpi=140, bbox_inches="tight")
     plt.close(fig)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .analysis import attention_pass, received_from_following, token_class
+from .analysis import attention_pass, default_min_queries, received_from_following, token_class
 from .context import TokenContext
 from .sinks import SinkSelector
 
@@ -36,8 +36,8 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
 DEFAULT_PROFILE_THRESHOLD = 0.1
 DEFAULT_PROFILE_SPAN = 64
-DEFAULT_MIN_COUNT = 3
-DEFAULT_MIN_RATE = 0.5
+DEFAULT_MIN_COUNT = 10
+DEFAULT_MIN_RATE = 0.2
 DEFAULT_CHUNKS = 16
 DEFAULT_LENGTH = 1024
 DEFAULT_REDUCE = "max"
@@ -81,7 +81,7 @@ def measure_sinks(
     span: int = DEFAULT_PROFILE_SPAN,
     n_first: int = 1,
     max_tokens: int = DEFAULT_LENGTH,
-    min_queries: int = 8,
+    min_queries: int | None = None,
     reduce: str = DEFAULT_REDUCE,
     progress: bool = False,
 ) -> SinkCounts:
@@ -117,20 +117,21 @@ def measure_sinks(
         else:
             ids = torch.as_tensor(text, dtype=torch.long).reshape(1, -1)
         t = ids.shape[1]
-        if t <= n_first + min_queries:
+        mq = default_min_queries(span, t) if min_queries is None else min_queries
+        if t <= n_first + mq:
             continue
         flat = ids[0]
         total_tokens += t
         any_sink = torch.zeros(t, dtype=torch.bool)
         scored = torch.zeros(t, dtype=torch.bool)
 
-        def on_layer(idx, module, weights, hidden, flat=flat, t=t, any_sink=any_sink, scored=scored):
+        def on_layer(idx, module, weights, hidden, flat=flat, t=t, any_sink=any_sink, scored=scored, mq=mq):
             hq = weights.shape[1]
             group = hq // n_kv
             if reduce == "mean":
-                recv = received_from_following(weights[0].view(n_kv, group, t, t).mean(1), span, min_queries)
+                recv = received_from_following(weights[0].view(n_kv, group, t, t).mean(1), span, mq)
             else:
-                recv = received_from_following(weights[0], span, min_queries).view(n_kv, group, t).amax(1)  # [Hk, T]
+                recv = received_from_following(weights[0], span, mq).view(n_kv, group, t).amax(1)  # [Hk, T]
             valid = ~torch.isnan(recv[0])
             valid[:n_first] = False
             sink = (torch.nan_to_num(recv, nan=0.0) >= threshold) & valid
@@ -151,7 +152,7 @@ def measure_sinks(
         "threshold": threshold,
         "span": span,
         "n_first": n_first,
-        "min_queries": min_queries,
+        "min_queries": min_queries if min_queries is not None else "min(span, max(8, T // 8))",
         "reduce": reduce,
         "texts": len(texts),
         "tokens": total_tokens,
@@ -248,7 +249,7 @@ def build_profile(
     min_rate: float = DEFAULT_MIN_RATE,
     n_first: int = 1,
     max_tokens: int = DEFAULT_LENGTH,
-    min_queries: int = 8,
+    min_queries: int | None = None,
     reduce: str = DEFAULT_REDUCE,
     model_name: str | None = None,
     source: str = "",

@@ -32,6 +32,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last axis into ``uint8``.
 
     ``codes``: ``[..., D]`` (any integer dtype); returns ``[..., D * bits // 8]``.
+
+    Planar layout: with ``n = D * bits // 8`` bytes per token, bits ``[p*bits, (p+1)*bits)`` of
+    byte ``j`` hold code ``p*n + j``. Unpacking is then one contiguous shift/mask per plane
+    (``8 // bits`` vectorised passes) instead of an interleave with a tiny inner dimension, which
+    made unpacking several times slower (see docs/performance.md).
     """
     per_byte = 8 // bits
     if codes.shape[-1] % per_byte:
@@ -39,42 +44,34 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.uint8)
     if per_byte == 1:
         return c.contiguous()
-    c = c.reshape(*c.shape[:-1], c.shape[-1] // per_byte, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=c.device)
-    # Distinct shifts never overlap, so a sum is the same as a bitwise OR.
-    return (c << shifts).sum(dim=-1, dtype=torch.uint8)
+    n = c.shape[-1] // per_byte
+    out = c[..., :n].clone()
+    for p in range(1, per_byte):
+        # Distinct shifts never overlap, so OR-ing the planes in is exact.
+        out.bitwise_or_(c[..., p * n : (p + 1) * n] << (p * bits))
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[..., D * bits // 8]`` ``uint8`` -> ``[..., D]`` ``uint8``."""
+    """Inverse of :func:`pack`: ``[..., D * bits // 8]`` ``uint8`` -> ``[..., D]`` ``uint8``.
+
+    One contiguous shift/mask per plane, then one ``cat`` (a row-wise memcpy): writing each plane
+    straight into its strided slice of the output is ~3x slower at ``head_dim`` 64.
+    """
     per_byte = 8 // bits
     if per_byte == 1:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     mask = (1 << bits) - 1
-    out = (packed.unsqueeze(-1) >> shifts) & mask
-    return out.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
-
-
-_LUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _lut(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[256, 8 // bits]`` table: the codes packed in each byte value, as floats of ``dtype``."""
-    key = (bits, dtype, device)
-    if key not in _LUTS:
-        byte = torch.arange(256, dtype=torch.uint8, device=device).view(256, 1)
-        _LUTS[key] = unpack(byte, bits).to(dtype)
-    return _LUTS[key]
+    planes = [packed & mask]
+    for p in range(1, per_byte):
+        plane = packed >> (p * bits)
+        planes.append(plane if p == per_byte - 1 else plane.bitwise_and_(mask))  # top plane needs no mask
+    return torch.cat(planes, dim=-1)
 
 
 def unpack_float(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Unpack straight to floating codes: one table lookup per byte instead of shift/mask/convert."""
-    if bits == 8:
-        return packed.to(dtype)
-    lut = _lut(bits, dtype, packed.device)
-    flat = lut.index_select(0, packed.reshape(-1).to(torch.int32))
-    return flat.view(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+    """Unpack straight to floating codes ``[..., D]`` of ``dtype`` (small integers, exact)."""
+    return unpack(packed, bits).to(dtype)
 
 
 def _outward_round(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +151,9 @@ def quantize_keys(
 def dequantize_keys(q: QuantizedKeys, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
     b, h, t, d = out.shape
-    codes = unpack_float(q.codes, bits, out.dtype).view(b, h, t // group_size, group_size, d)
-    # One fused pass writes zero + codes * scale straight into the caller's buffer.
+    # uint8 codes are 1/4 of the float bytes; addcmul promotes them to the model dtype and writes
+    # zero + codes * scale straight into the caller's buffer (the small integers convert exactly).
+    codes = unpack(q.codes, bits).view(b, h, t // group_size, group_size, d)
     torch.addcmul(q.zero.unsqueeze(3), codes, q.scale.unsqueeze(3), out=out.view(b, h, t // group_size, group_size, d))
     return out
 
@@ -175,6 +173,6 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> QuantizedVal
 def dequantize_values(q: QuantizedValues, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
     b, h, t, d = out.shape
-    codes = unpack_float(q.codes, bits, out.dtype).view(b, h, t, d // group_size, group_size)
+    codes = unpack(q.codes, bits).view(b, h, t, d // group_size, group_size)
     torch.addcmul(q.zero.unsqueeze(-1), codes, q.scale.unsqueeze(-1), out=out.view(b, h, t, d // group_size, group_size))
     return out

@@ -207,16 +207,8 @@ BATCH_POLICIES = {
     "hybrid": dict(policy="hybrid", bits=2, window=8, group_size=16, budget=80, sinks="first"),
 }
 
-_AUTO_PAD = pytest.mark.xfail(
-    reason="core: AutoSinks.received_attention ignores the padding mask, so pad keys take attention mass "
-    "and a left-padded row can get other sinks than unbatched",
-    strict=False,
-)
 
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_AUTO_PAD) if n.endswith("_auto") else n for n in sorted(BATCH_POLICIES)]
-)
+@pytest.mark.parametrize("name", sorted(BATCH_POLICIES))
 def test_left_padded_batch_equals_batch_one(model, tok, name):
     reqs = _ll_requests()
     one = _lm(model, tok, batch_size=1, **BATCH_POLICIES[name])
@@ -231,16 +223,12 @@ def test_left_padded_batch_equals_batch_one(model, tok, name):
     many._prefill = spy
     a, b = one.loglikelihood(reqs, disable_tqdm=True), many.loglikelihood(reqs, disable_tqdm=True)
     assert max(rows) > 1, "no batch was formed; the test would prove nothing"
-    torch.testing.assert_close(torch.tensor([s for s, _ in b]), torch.tensor([s for s, _ in a]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([s for s, _ in b]), torch.tensor([s for s, _ in a]), atol=1e-3, rtol=0
+    )
     assert [g for _, g in a] == [g for _, g in b]
 
 
-@pytest.mark.xfail(
-    reason="core: EvictingLayer._evict breaks key-norm ties with topk, whose order depends on the row's "
-    "padding; repeated tokens tie exactly in layer 0, so a left-padded row can keep other tokens than "
-    "unbatched (a stable sort by priority fixes it)",
-    strict=False,
-)
 def test_evict_batch_with_repeated_tokens(model, tok):
     rng = random.Random(3)
     reqs = []
@@ -301,9 +289,13 @@ def test_streaming_perplexity(model, tok):
     from lm_eval.models.huggingface import HFLM
 
     reqs = _roll_requests()
-    want = torch.tensor(HFLM(pretrained=model, tokenizer=tok, device="cpu").loglikelihood_rolling(reqs, disable_tqdm=True))
+    want = torch.tensor(
+        HFLM(pretrained=model, tokenizer=tok, device="cpu").loglikelihood_rolling(reqs, disable_tqdm=True)
+    )
     for chunk in (128, 37):
-        got = torch.tensor(_lm(model, tok, policy="full", chunk_size=chunk).loglikelihood_rolling(reqs, disable_tqdm=True))
+        got = torch.tensor(
+            _lm(model, tok, policy="full", chunk_size=chunk).loglikelihood_rolling(reqs, disable_tqdm=True)
+        )
         torch.testing.assert_close(got, want, atol=5e-3, rtol=1e-5)
     lm = _lm(model, tok, chunk_size=32, **HARD["evict"])
     comp = torch.tensor(lm.loglikelihood_rolling(reqs, disable_tqdm=True))
@@ -356,7 +348,7 @@ def test_yaml_tasks_load_offline_from_any_cwd(gen, monkeypatch, tmp_path):
     tm = task_manager()
     assert default_tasks_dir() == REPO / "evals" / "tasks"
     tasks = get_task_dict(["sinkcache_suite"], tm)
-    (group, members), = tasks.items()
+    ((group, members),) = tasks.items()
     assert group.group_name == "sinkcache_suite"
     got = {name: task for name, task in members.items()}
     assert set(got) == {f"sinkcache_{n}" for n in gen.TASKS}

@@ -301,12 +301,21 @@ def test_gemma_tokenizer_ids(gemma):
     reason=(
         "gemma3-270m (Q4_K_M, base model) greedily continues 'The capital of France is' with "
         "' the capital of the country of France. It is the largest city in France and ...' and never "
-        "says Paris within 40 (or 120) tokens, in float32 and bfloat16, sdpa and eager attention"
+        "says Paris within 40 (or 120) tokens, in float32 and bfloat16, sdpa and eager attention; the "
+        "conversion is sound (0.81 bits/byte on 768 tokens of stdlib docstrings vs SmolLM2-135M's 0.84, "
+        "and 'The capital city of France is called' -> ' Paris.'), so this is the weights' greedy choice"
     ),
 )
 def test_gemma_greedy_names_paris(gemma):
     model, tok = gemma
     assert "Paris" in _greedy(model, tok, PROMPT, max_new_tokens=40)
+
+
+@pytest.mark.real_model
+def test_gemma_greedy_names_paris_when_asked_for_the_name(gemma):
+    """The weights know the fact: a prompt that asks for the city's name gets ' Paris.' greedily."""
+    model, tok = gemma
+    assert _greedy(model, tok, "The capital city of France is called", max_new_tokens=4).startswith(" Paris")
 
 
 @pytest.mark.real_model

@@ -1,0 +1,154 @@
+"""The sweep plan of ``sinkcache compare``: policies, their memory knobs, and the cells they make.
+
+A *cell* is one policy at one memory setting, run over the task suite. Eviction-type policies
+(ours, the in-package baselines and kvpress presses) take a budget given as a **fraction of each
+request's full KV cache** (so eviction matches a memory fraction per request whatever its length);
+quantizers take a bit width; the hybrid takes both. What each cell really holds is measured
+(``memory_bytes()`` for ours, the peers' actual tensors) and reported next to the nominal setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Policy name -> (group, kind, description). kind: "full", "evict" (budget), "quant" (bits),
+#: "hybrid" (bits and budget).
+POLICIES: dict[str, tuple[str, str, str]] = {
+    "full": ("reference", "full", "full cache (DynamicCache-equivalent)"),
+    "sink-evict": ("ours", "evict", "sink-aware eviction: auto sinks + recent window (budget/2) + best-scored"),
+    "sink-quant": ("ours", "quant", "sink-aware KIVI quantization: auto sinks kept exact"),
+    "sink-hybrid": ("ours", "hybrid", "sink-aware hybrid: KIVI quantization + eviction of whole groups"),
+    "recent-evict": ("baseline", "evict", "no-sink eviction: pure recent window"),
+    "streamingllm": ("baseline", "evict", "StreamingLLM: first 4 tokens + recent window"),
+    "kivi": ("baseline", "quant", "plain KIVI quantization (no sink protection)"),
+    "hf-quanto": ("peer", "quant", "transformers QuantizedCache, optimum-quanto backend"),
+    "hf-hqq": ("peer", "quant", "transformers QuantizedCache, HQQ backend"),
+    "kvpress-streaming_llm": ("peer", "evict", "kvpress StreamingLLMPress"),
+    "kvpress-snapkv": ("peer", "evict", "kvpress SnapKVPress"),
+    "kvpress-knorm": ("peer", "evict", "kvpress KnormPress"),
+    "kvpress-tova": ("peer", "evict", "kvpress TOVAPress"),
+    "kvpress-expected_attention": ("peer", "evict", "kvpress ExpectedAttentionPress"),
+}
+
+DEFAULT_POLICIES = tuple(POLICIES)
+DEFAULT_BUDGETS = (50.0, 25.0, 12.5)  # percent of each request's full KV
+DEFAULT_BITS = (4, 2)
+DEFAULT_HYBRID_BITS = (4,)
+
+#: The suite's tasks and the metric each one is scored by (accuracy tasks; ppl separately).
+ACCURACY_METRICS: dict[str, str] = {
+    "sinkcache_passkey": "exact_match,first_number",
+    "sinkcache_niah_multikey": "exact_match,first_number",
+    "sinkcache_kv_retrieval": "exact_match,first_number",
+    "sinkcache_variable_tracking": "exact_match,first_number",
+    "sinkcache_arithmetic_cot": "exact_match,strict_match",
+    "sinkcache_facts_mc": "acc,none",
+}
+PPL_TASK = "sinkcache_docstring_ppl"
+PPL_METRIC = "bits_per_byte,none"
+SUITE_TASKS = (*ACCURACY_METRICS, PPL_TASK)
+
+#: Knobs shared by our quantizers and the KIVI baseline (the same for both, so only sinks differ).
+QUANT_WINDOW = 32
+QUANT_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One policy at one memory setting over the tasks."""
+
+    policy: str
+    budget: float | None = None  # percent of the request's full KV (evict/hybrid/kvpress)
+    bits: int | None = None  # quantizers and hybrid
+    tasks: tuple[str, ...] = field(default=SUITE_TASKS)
+
+    @property
+    def group(self) -> str:
+        return POLICIES[self.policy][0]
+
+    @property
+    def kind(self) -> str:
+        return POLICIES[self.policy][1]
+
+    @property
+    def cell_id(self) -> str:
+        parts = [self.policy]
+        if self.bits is not None:
+            parts.append(f"{self.bits}bit")
+        if self.budget is not None:
+            parts.append(f"b{self.budget:g}")
+        return "_".join(parts)
+
+    @property
+    def setting(self) -> str:
+        """Nominal memory setting, for the table."""
+        parts = []
+        if self.bits is not None:
+            parts.append(f"int{self.bits}")
+        if self.budget is not None:
+            parts.append(f"{self.budget:g}% tokens")
+        return " + ".join(parts) or "100%"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cell:
+        return cls(policy=d["policy"], budget=d.get("budget"), bits=d.get("bits"), tasks=tuple(d["tasks"]))
+
+
+def parse_list(text: str | None, conv=str) -> list:
+    if text is None:
+        return []
+    return [conv(t.strip().rstrip("%")) for t in str(text).split(",") if t.strip()]
+
+
+def plan(
+    policies: list[str] | tuple[str, ...] = DEFAULT_POLICIES,
+    budgets: list[float] | tuple[float, ...] = DEFAULT_BUDGETS,
+    bits: list[int] | tuple[int, ...] = DEFAULT_BITS,
+    hybrid_bits: list[int] | tuple[int, ...] = DEFAULT_HYBRID_BITS,
+    tasks: list[str] | tuple[str, ...] = SUITE_TASKS,
+) -> list[Cell]:
+    """The cells, in run order: the reference first, then ours, baselines and peers per policy."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; allowed: {', '.join(POLICIES)}")
+    for b in budgets:
+        if not 0 < float(b) <= 100:
+            raise ValueError(f"budget {b!r} must be a percentage in (0, 100]")
+    for n in (*bits, *hybrid_bits):
+        if int(n) not in (2, 4):
+            raise ValueError(f"bits {n!r}: compare sweeps 2 and 4 bits (both ours and the peers support them)")
+    bad_tasks = [t for t in tasks if t not in SUITE_TASKS]
+    if bad_tasks:
+        raise ValueError(f"unknown tasks {bad_tasks}; allowed: {', '.join(SUITE_TASKS)}")
+    cells: list[Cell] = []
+    for p in policies:
+        kind = POLICIES[p][1]
+        t = tuple(tasks)
+        if p.startswith("kvpress-"):
+            # kvpress presses compress during prefill only: streaming perplexity has no prefill.
+            t = tuple(x for x in t if x != PPL_TASK)
+        if not t:
+            continue
+        if kind == "full":
+            cells.append(Cell(p, tasks=t))
+        elif kind == "evict":
+            cells.extend(Cell(p, budget=float(b), tasks=t) for b in budgets)
+        elif kind == "quant":
+            cells.extend(Cell(p, bits=int(n), tasks=t) for n in bits)
+        else:
+            cells.extend(Cell(p, budget=float(b), bits=int(n), tasks=t) for n in hybrid_bits for b in budgets)
+    return cells
+
+
+def run_key(model: str, limit: int | None, seed: int, cell: Cell) -> str:
+    """What a finished cell must match to be reused when resuming."""
+    blob = json.dumps({"model": model, "limit": limit, "seed": seed, "cell": cell.to_dict(), "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
