@@ -15,10 +15,11 @@ none               plain KIVI, no sinks
 first              the first token
 punct              the first token + every punctuation/newline token (``sinks="punct"``)
 auto               the first token + keys measured by ``AutoSinks`` (``--threshold``)
-auto-far           ``auto`` ignoring attention to keys closer than ``--min-distance`` (see below)
+auto-local         ``AutoSinks`` scoring each forward's keys in that forward's softmax alone (no older
+                   keys in the denominator, no uniform-share check: ``context=0, bank_size=0,
+                   min_ratio=0``; the detector before issue 4's fix), ``--local-threshold``
 random-matched     the first token + as many *random* tokens as ``auto`` kept, in the same layer,
                    kv head and block (so equal memory)
-random-far         the same, matched to ``auto-far``
 oracle-matched     as many tokens as ``auto`` kept per (layer, kv head), chosen as those that receive
                    the most attention in total from all later queries of the whole sample (measured
                    beforehand with full precision: an upper bound for attention-based selection)
@@ -28,12 +29,8 @@ first-window       the first token, window enlarged by auto's mean sinks per (la
 profile            ``ProfileSinks`` with ``--profile`` (default: the shipped profile)
 =================  ============================================================================
 
-``auto-far``  is ``auto`` with the scoring change proposed for ``detect.py``: a query's attention to
-keys closer than ``--min-distance`` positions is left out (within a chunk the last queries' attention
-is mostly local, which marks recent tokens rather than sinks).
-
-``random-matched``/``punct-matched``/``first-window`` replay counts recorded from the ``auto`` run
-on the same sample (``random-far``: from ``auto-far``), so that one must be listed before them.
+``random-matched``/``punct-matched``/``first-window``/``oracle-matched`` replay counts recorded
+from the ``auto`` run on the same sample, so that one must be listed before them.
 
 Calibrating the detector threshold (calibration split only)::
 
@@ -68,12 +65,12 @@ import torch
 from sinkcache import SinkCache
 from sinkcache.analysis import attention_pass
 from sinkcache.calibration import token_chunks
-from sinkcache.detect import DEFAULT_THRESHOLD, AutoSinks, _rope
+from sinkcache.detect import DEFAULT_THRESHOLD, AutoSinks
 from sinkcache.profile import ProfileSinks, load_profile
 from sinkcache.sinks import SinkSelector, punctuation_token_ids
 
 ALL_CONFIGS = (
-    "full", "none", "first", "punct", "auto", "auto-far", "random-matched", "random-far", "punct-matched",
+    "full", "none", "first", "punct", "auto", "auto-local", "random-matched", "punct-matched",
     "first-window", "profile", "oracle-matched",
 )
 
@@ -95,61 +92,6 @@ class RecordingAutoSinks(AutoSinks):
         extra = (m & ~first).expand(keys.shape[0], keys.shape[1], cols.numel()).sum(-1)
         self.counts[(layer_idx, int(cols[0]), int(cols[-1]))] = extra.cpu()
         return m
-
-
-def received_attention_far(module, hidden_states, cos, sin, obs_window: int, min_distance: int) -> torch.Tensor:
-    """Like :func:`sinkcache.detect.received_attention`, but a query's attention to keys closer than
-    ``min_distance`` positions is left out of the mean (it measures recency, not sinks).
-
-    Returns ``[B, kv_heads, T]``; keys no observed query sees from far enough get 0.
-    """
-    b, t, _ = hidden_states.shape
-    d = module.head_dim
-    w = min(obs_window, t)
-    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
-    k = module.k_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
-    if getattr(module, "q_norm", None) is not None:
-        q = module.q_norm(q)
-    if getattr(module, "k_norm", None) is not None:
-        k = module.k_norm(k)
-    q = _rope(q, cos[:, -w:], sin[:, -w:])
-    k = _rope(k, cos, sin)
-    hq, hk = q.shape[1], k.shape[1]
-    q = q.view(b, hk, hq // hk, w, d).float()
-    scores = torch.einsum("bgrwd,bgtd->bgrwt", q, k.float()) * module.scaling
-    qpos = torch.arange(t - w, t, device=q.device).view(w, 1)
-    kpos = torch.arange(t, device=q.device).view(1, t)
-    probs = scores.masked_fill(kpos > qpos, float("-inf")).softmax(-1)
-    far = (qpos - kpos >= min_distance).to(probs.dtype)  # [w, T]
-    n = far.sum(0).clamp(min=1)
-    return (probs * far).sum(dim=3).mean(dim=2) / n
-
-
-class FarAutoSinks(RecordingAutoSinks):
-    """``AutoSinks`` scoring with :func:`received_attention_far` (the fix proposed for detect.py)."""
-
-    name = "auto-far"
-
-    def __init__(self, *args, min_distance: int = 16, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.min_distance = min_distance
-
-    def _make_hook(self, idx, ref):
-        def hook(module, args, kwargs, output):
-            cache = ref()
-            if cache is None or kwargs.get("past_key_values") is not cache:
-                return None
-            hs = kwargs.get("hidden_states", args[0] if args else None)
-            pe = kwargs.get("position_embeddings")
-            if hs is None or pe is None or hs.shape[1] < 2:
-                return None
-            with torch.no_grad():
-                att = received_attention_far(module, hs, pe[0], pe[1], self.obs_window, self.min_distance)
-            start = cache.get_seq_length(idx) - hs.shape[1] if idx < len(cache.layers) else 0
-            self.observed[idx] = (start, att)
-            return None
-
-        return hook
 
 
 def oracle_scores(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -280,15 +222,16 @@ def make_cache(kind: str, model, tok, args, state: dict[str, Any]) -> SinkCache:
         sel = RecordingAutoSinks(threshold=state["threshold"], obs_window=args.obs_window)
         state["auto_selector"] = sel
         return SinkCache(**q, sinks=sel, model=model)
-    if kind == "auto-far":
-        sel = FarAutoSinks(threshold=state["threshold"], obs_window=args.obs_window, min_distance=args.min_distance)
-        state["far_selector"] = sel
+    if kind == "auto-local":
+        sel = RecordingAutoSinks(
+            threshold=args.local_threshold, obs_window=args.obs_window, context=0, bank_size=0, min_ratio=0.0
+        )
+        sel.name = "auto-local"
         return SinkCache(**q, sinks=sel, model=model)
-    if kind in ("random-matched", "random-far", "punct-matched", "first-window"):
-        src = "auto-far" if kind == "random-far" else "auto"
-        rec = state.get("far_selector" if kind == "random-far" else "auto_selector")
+    if kind in ("random-matched", "punct-matched", "first-window"):
+        rec = state.get("auto_selector")
         if rec is None:
-            raise SystemExit(f"config {kind!r} needs {src!r} earlier in --configs")
+            raise SystemExit(f"config {kind!r} needs 'auto' earlier in --configs")
         if kind == "first-window":
             extra = state["auto_mean_sinks"]
             return SinkCache(**dict(q, window=args.window + int(round(extra))), sinks="first", model=model)
@@ -352,7 +295,7 @@ def run_configs(model, tok, samples: list[list[int]], configs: list[str], args, 
             "sinks_per_layer_head": round(statistics.mean(r["sinks"]), 3),
             "seconds": round(r["seconds"], 1),
         }
-        if kind in ("random-matched", "random-far", "punct-matched"):
+        if kind in ("random-matched", "punct-matched"):
             out[kind]["shortfall"] = state[f"{kind}_selector"].shortfall
     return out
 
@@ -378,33 +321,51 @@ def table(rows: dict[str, dict[str, Any]], ref: str | None = "first") -> str:
 
 
 def timing(model, tok, args, profile) -> dict[str, Any]:
-    """Prefill time of one ``--length``-token prompt (then one decode step that runs compression)."""
-    ids = torch.tensor([token_chunks(tok, "heldout", args.length, n=1)[0]])
+    """Prefill time of one ``--length``-token prompt and time of ``--decode-steps`` single-token
+    forwards after it, per sink choice; configs interleaved (A B C A B C ...), medians of ``--repeats``."""
+    ids = torch.tensor([token_chunks(tok, "heldout", args.length + args.decode_steps, n=1)[0]])
+    prompt, rest = ids[:, : args.length], ids[:, args.length :]
     q = dict(policy="quantize", bits=args.bits, window=args.window, group_size=args.group_size)
+    punct = punctuation_token_ids(tok)
     makers = {
         "first": lambda: SinkCache(**q, sinks="first", model=model),
-        "auto": lambda: SinkCache(**q, sinks=AutoSinks(threshold=args.threshold, obs_window=args.obs_window), model=model),
+        "auto": lambda: SinkCache(
+            **q, sinks=AutoSinks(threshold=args.threshold, obs_window=args.obs_window, punct_ids=punct), model=model
+        ),
         "punct": lambda: SinkCache(**q, sinks="punct", tokenizer=tok, model=model),
         "profile": lambda: SinkCache(**q, sinks=ProfileSinks(profile), model=model),
     }
-    times: dict[str, list[float]] = {k: [] for k in makers}
+    pre: dict[str, list[float]] = {k: [] for k in makers}
+    dec: dict[str, list[float]] = {k: [] for k in makers}
     with torch.no_grad():
-        model(input_ids=ids[:, :64])  # warm-up
+        model(input_ids=prompt[:, :64])  # warm-up
         for _ in range(args.repeats):
             for k, mk in makers.items():  # interleaved, so load changes hit all configs alike
                 cache = mk()
                 t0 = time.perf_counter()
-                model(input_ids=ids, past_key_values=cache, use_cache=True)
-                model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # runs the pending compression
-                times[k].append(time.perf_counter() - t0)
+                model(input_ids=prompt, past_key_values=cache, use_cache=True)
+                t1 = time.perf_counter()
+                for i in range(rest.shape[1]):
+                    model(input_ids=rest[:, i : i + 1], past_key_values=cache, use_cache=True)
+                t2 = time.perf_counter()
+                pre[k].append(t1 - t0)
+                dec[k].append(t2 - t1)
                 cache.detach()
-    med = {k: statistics.median(v) for k, v in times.items()}
+    mp = {k: statistics.median(v) for k, v in pre.items()}
+    md = {k: statistics.median(v) for k, v in dec.items()}
     return {
-        "tokens": int(ids.shape[1]),
+        "prompt_tokens": int(prompt.shape[1]),
+        "decode_steps": int(rest.shape[1]),
         "threads": torch.get_num_threads(),
-        "median_seconds": {k: round(v, 3) for k, v in med.items()},
-        "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "slowdown_vs_first": {k: round(v / med["first"], 3) for k, v in med.items()},
+        "prefill_median_seconds": {k: round(v, 3) for k, v in mp.items()},
+        "decode_median_seconds": {k: round(v, 3) for k, v in md.items()},
+        "prefill_all_seconds": {k: [round(x, 3) for x in v] for k, v in pre.items()},
+        "decode_all_seconds": {k: [round(x, 3) for x in v] for k, v in dec.items()},
+        "prefill_slowdown_vs_first": {k: round(v / mp["first"], 3) for k, v in mp.items()},
+        "decode_slowdown_vs_first": {k: round(v / md["first"], 3) for k, v in md.items()},
+        # median over repeats of (config / first in the same repeat): less exposed to load drift
+        "prefill_paired_ratio": {k: round(statistics.median(a / f for a, f in zip(v, pre["first"])), 3) for k, v in pre.items()},
+        "decode_paired_ratio": {k: round(statistics.median(a / f for a, f in zip(v, dec["first"])), 3) for k, v in dec.items()},
     }
 
 
@@ -423,15 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--local-threshold", type=float, default=0.05, help="threshold of auto-local")
     p.add_argument("--thresholds", default=None, help="comma list: sweep auto (and matched configs) over these")
     p.add_argument("--obs-window", type=int, default=32)
-    p.add_argument("--min-distance", type=int, default=16, help="auto-far: ignore attention to keys this close")
     p.add_argument("--configs", default="full,none,first,punct,auto,random-matched,punct-matched,profile")
     p.add_argument("--profile", default=None, help="profile JSON (default: the shipped one for --model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is; 1 is fastest on a shared box)")
     p.add_argument("--timing", action="store_true", help="measure detection cost instead")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-steps", type=int, default=32, help="timing: single-token forwards after the prompt")
     p.add_argument("--out", default=None)
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
@@ -470,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         result["samples"] = len(samples)
         if args.thresholds:
             sweep = {}
-            fixed = [c for c in configs if c in ("full", "none", "first", "punct", "profile")]
+            fixed = [c for c in configs if c in ("full", "none", "first", "punct", "profile", "auto-local")]
             varying = [c for c in configs if c not in fixed]
             if fixed:
                 sweep["fixed"] = run_configs(model, tok, samples, fixed, args, args.threshold, state)

@@ -633,6 +633,103 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return profile_command(args.model, out=args.out, text=args.text, dtype=args.dtype)
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="sweep cache policies (ours, baselines, transformers QuantizedCache, kvpress) x memory budgets",
+        description="Runs every policy at every memory setting on the offline suite (one process per cell, "
+        "resumable) and writes results.md, results.json and accuracy_vs_kv_memory.png. Eviction budgets are a "
+        "percentage of each request's full KV; quantizers sweep bit widths; memory is measured.",
+        formatter_class=_HelpFormatter,
+    )
+    from .compare.plan import DEFAULT_BITS, DEFAULT_BUDGETS, DEFAULT_HYBRID_BITS, POLICIES, SUITE_TASKS
+
+    p.add_argument("model", help="built-in alias (smollm2-135m, gemma3-270m), local dir or .gguf")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), help="percent of each request's KV (eviction-type policies)")
+    p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)), help="bit widths for quantizers")
+    p.add_argument("--hybrid-bits", default=",".join(map(str, DEFAULT_HYBRID_BITS)), help="bit widths for sink-hybrid")
+    p.add_argument("--tasks", default=",".join(SUITE_TASKS), help="suite tasks to run")
+    p.add_argument("--limit", type=_positive_int, default=5, help="documents per task")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="cells run at once (1 thread each)")
+    p.add_argument("--out", default=None, help="output dir (default: evals/results/<model>)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .compare import plan, run_compare
+    from .compare.plan import parse_list
+
+    kw: dict[str, Any] = {
+        "policies": parse_list(args.policies),
+        "budgets": parse_list(args.budgets, float),
+        "bits": parse_list(args.bits, int),
+        "hybrid_bits": parse_list(args.hybrid_bits, int),
+        "tasks": parse_list(args.tasks),
+    }
+    cells = plan(**kw)
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.cell_id}\t{c.setting}\t{','.join(c.tasks)}")
+        return 0
+    argv = list(sys.argv[1:])
+    res = run_compare(
+        args.model, **kw, limit=args.limit, seed=args.seed, out_dir=args.out, jobs=args.jobs,
+        command="sinkcache " + " ".join(shlex.quote(a) for a in argv),
+    )
+    print(f"{len(res['done'])} cells finished ({res['skipped']} reused), {len(res['failed'])} failed; wrote {res['out_dir']}/results.md")
+    return 1 if res["failed"] else 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="prefill time, decode tokens/s, KV bytes and peak RSS per cache, as ratios to DynamicCache",
+        description="Measures every cache policy (and transformers' QuantizedCache/quanto as a peer) at several "
+        "context lengths, interleaved with DynamicCache (A B A B), and writes results.json, results.md and "
+        "decode_cost_vs_context.png. --quick takes a few minutes on 2 CPU cores.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default="smollm2-135m", help="built-in alias, local dir or .gguf")
+    p.add_argument("--quick", action="store_true", help="contexts 512,2048; 16 decode tokens; 2 reps; caches evict,int4,int2,quanto4")
+    p.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: preset)")
+    p.add_argument("--caches", default=None, help="comma-separated cache names (default: preset; see results.json)")
+    p.add_argument("--reps", type=_positive_int, default=None, help="repetitions (default: preset)")
+    p.add_argument("--decode-tokens", type=_positive_int, default=None, help="greedy tokens timed per run")
+    p.add_argument("--budget", type=_positive_int, default=1024, help="tokens per layer for evict/hybrid")
+    p.add_argument("--dtype", type=_dtype, default="float32", metavar="DTYPE", help=f"model dtype: {', '.join(DTYPES)}")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads while measuring")
+    p.add_argument("--out", default="evals/results/bench", help="output directory")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import bench, format_rows
+
+    res = bench(
+        args.model,
+        quick=args.quick,
+        contexts=[int(c) for c in args.contexts.split(",")] if args.contexts else None,
+        caches=[c.strip() for c in args.caches.split(",") if c.strip()] if args.caches else None,
+        reps=args.reps,
+        decode_tokens=args.decode_tokens,
+        budget=args.budget,
+        dtype=args.dtype,
+        threads=args.threads,
+        out_dir=args.out,
+        command="sinkcache " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print(format_rows(res["rows"]))
+    print(f"wrote {res['paths']['md']}, {res['paths']['json']}, {res['paths']['png']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: Parser builders of every subcommand, in --help order.
@@ -642,6 +739,8 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_eval,
     _add_detect,
     _add_profile,
+    _add_compare,
+    _add_bench,
 ]
 
 

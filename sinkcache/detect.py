@@ -12,7 +12,8 @@ layers are left alone).
   that a chunked prompt is not scored as if each chunk were the whole sequence (without the first
   token in the denominator every share is inflated). A key is a sink of a (row, kv-head) when the
   attention it receives, averaged over the observed queries and over the query heads sharing the
-  kv-head, is at least ``threshold``.
+  kv-head, is at least ``threshold`` and at least ``min_ratio`` times what uniform attention
+  would give it (which only matters where queries see few keys, at the start of a prompt).
 * **Decoding** (one token per forward): a newly generated punctuation/newline token (ids from the
   tokenizer, see :func:`sinkcache.sinks.punctuation_token_ids`) becomes a *candidate*; each later
   query adds the attention it gives the candidate (same softmax over context + recent keys), and
@@ -42,14 +43,19 @@ import torch
 from .context import TokenContext
 from .sinks import FirstSinks, SinkSelector, punctuation_token_ids
 
-#: Default mean attention (from the observation window) that makes a key a sink. Calibrated on the
-#: calibration split (docs/sinks.md, evals/results/sinks/).
-DEFAULT_THRESHOLD = 0.05
+#: Default mean attention (from the observation window) that makes a key a sink. Chosen on the
+#: calibration split of smollm2-135m (2-bit keys/values, window 0) as the threshold with the most
+#: perplexity gained per extra byte over ``sinks="first"``: docs/sinks.md,
+#: evals/results/sinks/calibration_smollm2-135m.json.
+DEFAULT_THRESHOLD = 0.1
 DEFAULT_OBS_WINDOW = 32
 #: Recent earlier keys kept exactly for the softmax denominator (and to score decode candidates).
 DEFAULT_CONTEXT = 64
 #: Confirmed sinks kept exactly for the softmax denominator, per layer (the most recent ones).
 DEFAULT_BANK = 64
+#: A prefill key must also draw this many times the share uniform attention would give it (this
+#: only binds where queries see few keys, e.g. the start of a prompt, where 1/n is large).
+DEFAULT_MIN_RATIO = 4.0
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +96,15 @@ def project_qk(
     return q.float(), k.float()
 
 
+def project_k(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys ``[B, Hk, T, D]``, post-norm and post-RoPE, float32."""
+    b, t, _ = hidden_states.shape
+    k = module.k_proj(hidden_states).view(b, t, -1, module.head_dim).transpose(1, 2)
+    if getattr(module, "k_norm", None) is not None:
+        k = module.k_norm(k)
+    return _rope(k, cos, sin).float()
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,6 +143,24 @@ def window_attention(
         qw = valid[:, -w:].to(probs.dtype).view(b, 1, 1, w, 1)
         rec = (probs * qw).sum(3).mean(2) / qw.sum(3).clamp_min(1).view(b, 1, 1)
     return rec[..., m:], (rec[..., :m] if m else None)
+
+
+def uniform_share(t: int, w: int, valid: torch.Tensor | None, ctx_ok: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """``[B, 1, T]``: what :func:`window_attention` would give the forward's keys if every query
+    spread its attention evenly over the keys it can see (short contexts give large shares)."""
+    dev = valid.device if valid is not None else (ctx_ok.device if ctx_ok is not None else None)
+    causal = torch.arange(t, device=dev).view(1, t) <= torch.arange(t - w, t, device=dev).view(w, 1)  # [w, T]
+    vis = causal.view(1, w, t).expand(batch, w, t)
+    if valid is not None:
+        vis = vis & valid.view(batch, 1, t)
+    n = vis.sum(-1, keepdim=True).float()  # [B, w, 1]
+    if ctx_ok is not None:
+        n = n + ctx_ok.sum(-1).float().view(batch, 1, 1)
+    share = vis.float() / n.clamp_min(1)
+    if valid is None:
+        return share.mean(1).unsqueeze(1)
+    qw = valid[:, -w:].float().view(batch, w, 1)
+    return ((share * qw).sum(1) / qw.sum(1).clamp_min(1)).unsqueeze(1)
 
 
 def received_attention(
@@ -190,6 +223,7 @@ class AutoSinks(SinkSelector):
             detection); :func:`make_auto_sinks` fills them from the tokenizer.
         context: recent earlier keys kept exactly for the denominator.
         bank_size: confirmed sinks kept exactly for the denominator, per layer.
+        min_ratio: a prefill key must also draw ``min_ratio`` times its uniform share.
     """
 
     name = "auto"
@@ -204,6 +238,7 @@ class AutoSinks(SinkSelector):
         punct_ids: Any = None,
         context: int = DEFAULT_CONTEXT,
         bank_size: int = DEFAULT_BANK,
+        min_ratio: float = DEFAULT_MIN_RATIO,
     ) -> None:
         super().__init__(n_first=n_first, max_sinks=max_sinks)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) <= 1.0:
@@ -211,6 +246,9 @@ class AutoSinks(SinkSelector):
         for nm, v, lo in (("obs_window", obs_window, 1), ("context", context, 0), ("bank_size", bank_size, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{nm}={v!r} must be an integer >= {lo}")
+        if isinstance(min_ratio, bool) or not isinstance(min_ratio, (int, float)) or min_ratio < 0:
+            raise ValueError(f"min_ratio={min_ratio!r} must be a number >= 0")
+        self.min_ratio = float(min_ratio)
         self.threshold = float(threshold)
         self.obs_window = obs_window
         self.context = context
@@ -261,34 +299,45 @@ class AutoSinks(SinkSelector):
         pad = ctx.pad_counts(b, hs.device)
         valid = cols.view(1, -1) >= pad.view(-1, 1)  # [B, T]
         w = min(self.obs_window, t)
+        cand_new = self._is_candidate(ctx, cols, b) if t == 1 else torch.zeros(t, dtype=torch.bool)
+        pending = st.cand is not None and bool(st.cand.any())
+        if t == 1 and not pending and not bool(cand_new.any()) and start >= self.n_first + int(pad.max()):
+            # a decode step with nothing to score: only keep its key for later denominators
+            k = project_k(module, hs, cos, sin)
+            self._append(st, start, torch.zeros(b, k.shape[1], 1, device=hs.device), torch.zeros(1, dtype=torch.long),
+                         cand_new, torch.ones(1, dtype=torch.bool))
+            self._add_ring(st, k, cols, valid)
+            return
         q, k = project_qk(module, hs, cos, sin, w)
         ctx_k, ctx_ok, ctx_cols = self._context(st, b, k)
         new, old = window_attention(q, k, module.scaling, valid, ctx_k, ctx_ok)
         hk = k.shape[1]
         # decode-time candidates among the context keys collect this forward's attention
-        if old is not None and st.cand is not None and bool(st.cand.any()):
-            for j, c in enumerate(ctx_cols):
-                r = c - st.lo
-                if 0 <= r < st.cand.numel() and bool(st.cand[r]):
-                    assert st.sum is not None and st.cnt is not None
-                    st.sum[:, :, r] += old[:, :, j].to(st.sum.device)
-                    st.cnt[r] += 1
-                    if int(st.cnt[r]) >= self.obs_window:
-                        st.cand[r] = False
+        if old is not None and st.cand is not None and st.sum is not None and st.cnt is not None and bool(st.cand.any()):
+            rel = torch.tensor(ctx_cols, dtype=torch.long) - st.lo
+            j = ((rel >= 0) & (rel < st.cand.numel())).nonzero().flatten()
+            j = j[st.cand[rel[j]]]
+            if j.numel():
+                r = rel[j]
+                st.sum[:, :, r.to(st.sum.device)] += old[:, :, j.to(old.device)].to(st.sum.device)
+                st.cnt[r] += 1
+                st.cand[r] &= st.cnt[r] < self.obs_window
         # this forward's keys
         if t >= 2:
             s_new = new
+            if self.min_ratio > 0:
+                uni = uniform_share(t, w, valid, ctx_ok, b).to(new.device)
+                s_new = new * (new >= self.min_ratio * uni)
             c_new = torch.ones(t, dtype=torch.long)
             cand_new = torch.zeros(t, dtype=torch.bool)
         else:
             s_new = torch.zeros(b, hk, t, dtype=torch.float32, device=hs.device)
             c_new = torch.zeros(t, dtype=torch.long)
-            cand_new = self._is_candidate(ctx, cols, b)
         self._append(st, start, s_new, c_new, cand_new, torch.full((t,), t == 1, dtype=torch.bool))
         # the context for later forwards
         real_idx = cols.view(1, -1) - pad.view(-1, 1)
         is_first = (real_idx >= 0) & (real_idx < self.n_first)  # [B, T]
-        confirmed = (new >= self.threshold).any(1) & valid if t >= 2 else torch.zeros_like(valid)
+        confirmed = (s_new >= self.threshold).any(1) & valid if t >= 2 else torch.zeros_like(valid)
         self._add_bank(st, k, cols, is_first, first=True)
         self._add_bank(st, k, cols, confirmed & ~is_first)
         self._add_ring(st, k, cols, valid)
@@ -403,6 +452,15 @@ class AutoSinks(SinkSelector):
         for st in self.state.values():
             st.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    @property
+    def observed(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """Per layer: ``(first column, [B, Hk, n] measured shares)`` of the columns not yet marked."""
+        out = {}
+        for idx, st in self.state.items():
+            if st.sum is not None and st.cnt is not None:
+                out[idx] = (st.lo, st.sum / st.cnt.clamp_min(1).to(st.sum.device))
+        return out
+
     # ---- the selector -----------------------------------------------------------------------------
     def received(self, layer_idx: int, cols: torch.Tensor, batch: int, heads: int, device) -> torch.Tensor:
         """``[B, Hk, C]`` measured attention share of ``cols`` (0 where nothing was measured)."""
@@ -448,7 +506,7 @@ class AutoSinks(SinkSelector):
     def __repr__(self) -> str:
         return (
             f"AutoSinks(n_first={self.n_first}, max_sinks={self.max_sinks}, threshold={self.threshold}, "
-            f"obs_window={self.obs_window}, decode_candidates={self.punct_ids is not None})"
+            f"obs_window={self.obs_window}, min_ratio={self.min_ratio}, decode_candidates={self.punct_ids is not None})"
         )
 
 

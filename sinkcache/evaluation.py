@@ -619,6 +619,27 @@ def _versions() -> dict[str, str]:
         import datasets
 
         out["datasets"] = datasets.__version__
+    out.update(_source_fingerprint())
+    return out
+
+
+def _source_fingerprint() -> dict[str, str]:
+    """Which sinkcache code produced a result: a hash of the package's ``.py`` files (changes with
+    any uncommitted edit) and, in a git checkout, the commit and whether the package is modified."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    out = {"sinkcache_source_sha256": h.hexdigest()[:16]}
+    with contextlib.suppress(Exception):
+        git = ["git", "-C", str(root.parent)]
+        run = dict(capture_output=True, text=True, timeout=10, check=True)
+        out["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], **run).stdout.strip()  # type: ignore[call-overload]
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", str(root)], **run).stdout.strip()  # type: ignore[call-overload]
+        out["git_package_modified"] = "yes" if dirty else "no"
     return out
 
 
@@ -661,6 +682,7 @@ def run_eval(
     apply_chat_template: bool = False,
     log_samples: bool = False,
     seed: int = 0,
+    bootstrap_iters: int = 1000,
     model: Any = None,
     tokenizer: Any = None,
     num_threads: int | None = None,
@@ -685,6 +707,9 @@ def run_eval(
         apply_chat_template: format prompts with the model's chat template.
         log_samples: keep per-document outputs (under ``lm_eval["samples"]``).
         seed: lm-eval's random/numpy/torch/few-shot seed.
+        bootstrap_iters: lm-eval's stderr setting: means (``exact_match``, ``acc``) get their
+            closed-form stderr whenever this is > 0; only a few metrics (f1, bleu, ...) are
+            bootstrapped, with this many draws. 0 = no stderr at all.
         model, tokenizer: an already loaded model and tokenizer to use instead of loading
             ``model_name`` (``model_name`` is then only a label).
         num_threads: ``torch.set_num_threads`` for the run (default: torch's choice). On a busy
@@ -736,7 +761,9 @@ def run_eval(
         **cache_args,
     )
     t_load = time.perf_counter() - t0
-    tm = task_manager(include_path)
+    # Indexing lm-eval's ~14,700 built-in tasks takes seconds (tens on a busy CPU): skip it when
+    # only the offline suite is asked for.
+    tm = task_manager(include_path, include_defaults=not _all_local(task_list))
     say(f"model ready in {t_load:.1f} s; running {', '.join(task_list)}" + (f" (limit {limit})" if limit is not None else ""))
     t1 = time.perf_counter()
     results = lm_eval.simple_evaluate(
@@ -753,7 +780,7 @@ def run_eval(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        bootstrap_iters=0,
+        bootstrap_iters=int(bootstrap_iters),
         verbosity="ERROR" if not progress else None,
     )
     elapsed = time.perf_counter() - t1
@@ -774,6 +801,7 @@ def run_eval(
             "num_fewshot": num_fewshot,
             "apply_chat_template": apply_chat_template,
             "seed": seed,
+            "bootstrap_iters": bootstrap_iters,
             "num_threads": torch.get_num_threads(),
             "include_path": str(include_path or default_tasks_dir()),
         },

@@ -151,10 +151,11 @@ def quantize_keys(
 def dequantize_keys(q: QuantizedKeys, bits: int, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
     b, h, t, d = out.shape
-    # uint8 codes are 1/4 of the float bytes; addcmul promotes them to the model dtype and writes
-    # zero + codes * scale straight into the caller's buffer (the small integers convert exactly).
-    codes = unpack(q.codes, bits).view(b, h, t // group_size, group_size, d)
-    torch.addcmul(q.zero.unsqueeze(3), codes, q.scale.unsqueeze(3), out=out.view(b, h, t // group_size, group_size, d))
+    o = out.view(b, h, t // group_size, group_size, d)
+    # Convert the codes into the caller's buffer, then one in-place fused zero + codes * scale (one
+    # rounding, as before): no full-size float temporary of the codes to write and read back.
+    o.copy_(unpack(q.codes, bits).view(b, h, t // group_size, group_size, d))
+    torch.addcmul(q.zero.unsqueeze(3), o, q.scale.unsqueeze(3), out=o)
     return out
 
 
@@ -174,5 +175,15 @@ def dequantize_values(q: QuantizedValues, bits: int, group_size: int, out: torch
     """Dequantize into ``out`` (``[B, H, T, D]``, model dtype; may be a view). Returns ``out``."""
     b, h, t, d = out.shape
     codes = unpack(q.codes, bits).view(b, h, t, d // group_size, group_size)
-    torch.addcmul(q.zero.unsqueeze(-1), codes, q.scale.unsqueeze(-1), out=out.view(b, h, t, d // group_size, group_size))
+    o = out.view(b, h, t, d // group_size, group_size)
+    zero, scale = q.zero.unsqueeze(-1), q.scale.unsqueeze(-1)
+    if out.dtype == torch.float32 or group_size == d:
+        # Same single-rounding zero + codes * scale as below, ~3x faster: with both zero and scale
+        # broadcast along the innermost axis addcmul falls off its vectorised loop; broadcasting
+        # the zero point first leaves one broadcast operand. (Measured slower for bf16 with small
+        # value groups, so those keep the one-call form.)
+        o.copy_(zero.expand_as(o))
+        o.addcmul_(codes, scale)
+    else:
+        torch.addcmul(zero, codes, scale, out=o)
     return out

@@ -9,6 +9,7 @@ It returns a boolean mask ``[B, H or 1, C]``. Selectors see the shared :class:`T
 from __future__ import annotations
 
 import unicodedata
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
@@ -131,11 +132,30 @@ def _is_punct_text(text: str) -> bool:
     return all(unicodedata.category(ch)[0] in ("P", "S") for ch in stripped)
 
 
+_PUNCT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def punctuation_token_ids(tokenizer) -> list[int]:
     """Ids of tokens that decode to punctuation/symbols only, or to whitespace containing a newline.
 
-    Works for any Hugging Face tokenizer; one pass over the vocabulary (a second or two for 256k).
+    Works for any Hugging Face tokenizer; one pass over the vocabulary (a few seconds for 256k on a
+    busy CPU), remembered per tokenizer object (and vocabulary size) after the first call.
     """
+    try:
+        hit = _PUNCT_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        hit = None
+    if hit is not None and hit[0] == len(tokenizer):
+        return list(hit[1])
+    ids = _punctuation_token_ids(tokenizer)
+    try:
+        _PUNCT_CACHE[tokenizer] = (len(tokenizer), tuple(ids))
+    except TypeError:
+        pass
+    return ids
+
+
+def _punctuation_token_ids(tokenizer) -> list[int]:
     vocab_size = len(tokenizer)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids = []

@@ -278,3 +278,18 @@ def test_detect_command_errors(tmp_path, capsys):
     assert detect_command("tiny", text=str(tmp_path / "missing.txt"), out_dir=tmp_path) == 2
     assert detect_command("tiny", prompt="  ", out_dir=tmp_path) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_detect_command_on_builtin_models(name, tmp_path, capsys):
+    """`sinkcache detect` runs on both built-in models (short text) and writes JSON, heatmap, tokens;
+    the first token is a sink head's main sink somewhere (both models have first-token sinks)."""
+    torch.set_num_threads(1)
+    out = tmp_path / name
+    assert detect_command(name, out_dir=out, max_tokens=128, progress=False) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["summary"]["tokens"] == 128
+    assert data["summary"]["sink_heads_by_main_sink"].get("first", 0) >= 1
+    assert (out / "heatmap.png").stat().st_size > 1000 and (out / "tokens.png").stat().st_size > 1000
+    assert "sink heads" in capsys.readouterr().out

@@ -345,7 +345,7 @@ def test_yaml_tasks_load_offline_from_any_cwd(gen, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # relative data paths would break here
-    tm = task_manager()
+    tm = task_manager(include_defaults=False)  # the built-in index only costs time here
     assert default_tasks_dir() == REPO / "evals" / "tasks"
     tasks = get_task_dict(["sinkcache_suite"], tm)
     ((group, members),) = tasks.items()
@@ -390,6 +390,21 @@ def test_run_eval_and_cli_with_a_local_checkpoint(model, tok, tmp_path, capsys):
     report = format_report(res)
     assert "sinkcache_facts_mc" in report and "KV memory" in report
 
+    # `sinkcache eval`: the same through sinkcache's own command line.
+    from sinkcache.cli import main as sinkcache_main
+
+    out2 = tmp_path / "cli.json"
+    argv = ["eval", str(ckpt), "--tasks", "sinkcache_kv_retrieval", "--policy", "evict", "--budget", "64"]
+    argv += ["--window", "16", "--sinks", "first", "--limit", "1", "--threads", "1", "--output", str(out2)]
+    assert sinkcache_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sinkcache_kv_retrieval" in printed and "KV memory (policy=evict, budget=64" in printed
+    cli = json.loads(out2.read_text())
+    assert cli["config"]["cache"]["budget"] == 64 and cli["config"]["limit"] == 1
+    assert set(cli["scores"]) == {"sinkcache_kv_retrieval"} and cli["memory"]["ratio_vs_full"] < 1
+    assert sinkcache_main(["eval", str(ckpt), "--policy", "evict", "--limit", "1"]) == 2  # no budget: one-line error
+    assert "budget" in capsys.readouterr().err
+
     # The lm_eval command line through the wrapper (registers the model, adds --include_path).
     from sinkcache.evaluation import main
 
@@ -407,8 +422,12 @@ def test_run_eval_and_cli_with_a_local_checkpoint(model, tok, tmp_path, capsys):
 
 @pytest.mark.real_model
 def test_real_model_passkey_smoke():
-    full = run_eval("smollm2-135m", ["sinkcache_passkey"], limit=2, progress=False)
-    comp = run_eval("smollm2-135m", ["sinkcache_passkey"], limit=2, policy="quantize", bits=2, progress=False)
+    from sinkcache.models import load_model
+
+    m, t = load_model("smollm2-135m", progress=False)  # loaded once, shared by both runs
+    kw = dict(limit=2, progress=False, model=m, tokenizer=t, device="cpu")
+    full = run_eval("smollm2-135m", ["sinkcache_passkey"], **kw)
+    comp = run_eval("smollm2-135m", ["sinkcache_passkey"], policy="quantize", bits=2, **kw)
     assert full["scores"]["sinkcache_passkey"]["exact_match,first_number"] == 1.0  # 512/1024-token needles
     assert comp["memory"]["mean_memory_bytes"] < full["memory"]["mean_memory_bytes"]
     assert full["memory"]["ratio_vs_full"] == pytest.approx(1.0)

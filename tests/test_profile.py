@@ -273,3 +273,18 @@ def test_profile_command_runs(tmp_path, monkeypatch, capsys):
     prof = load_profile(out)
     assert prof["layers"][0]["heads"] == [[SINK], [SINK]]
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_profile_matches_its_model(name):
+    """The shipped profiles were made by `sinkcache profile` for these models (shape and settings)."""
+    from sinkcache.models import load_model
+
+    model, _ = load_model(name, progress=False)
+    cfg = model.config.get_text_config()
+    prof = load_profile(name)
+    assert prof["model"] == name
+    assert prof["num_layers"] == cfg.num_hidden_layers and prof["num_kv_heads"] == cfg.num_key_value_heads
+    assert prof["vocab_size"] == cfg.vocab_size
+    assert prof["settings"]["tokens"] == 16 * 1024 and "calibration" in prof["settings"]["source"]

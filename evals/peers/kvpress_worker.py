@@ -24,6 +24,7 @@ accounting. Usage: ``python kvpress_worker.py --model DIR --press snapkv --ratio
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import resource
 import sys
@@ -38,6 +39,17 @@ PRESSES = {
     "tova": "TOVAPress",
     "expected_attention": "ExpectedAttentionPress",
 }
+
+
+class _RopeFor(torch.nn.Module):
+    """``rotary_emb(x, position_ids)`` bound to one layer type of a per-layer-type RoPE module."""
+
+    def __init__(self, rope: torch.nn.Module, layer_type: str) -> None:
+        super().__init__()
+        self.rope, self.layer_type = rope, layer_type
+
+    def forward(self, x, position_ids):
+        return self.rope(x, position_ids, layer_type=self.layer_type)
 
 
 def _layer_kv(cache, i):
@@ -85,12 +97,15 @@ class Worker:
         def ctx():
             press.post_init_from_model(self.model)
             lm = self.model.model
+            per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
             hooks = []
             try:
                 for layer in lm.layers:
                     if getattr(layer.self_attn, "is_sliding", False):
                         continue
-                    layer.self_attn.rotary_emb = lm.rotary_emb
+                    # Gemma 3 keeps one RoPE per layer type and needs to be told which (kvpress
+                    # calls module.rotary_emb(x, pos) without it, e.g. in ExpectedAttentionPress).
+                    layer.self_attn.rotary_emb = _RopeFor(lm.rotary_emb, "full_attention") if per_type else lm.rotary_emb
                     hooks.append(layer.self_attn.register_forward_hook(press.forward_hook, with_kwargs=True))
                 yield
             finally:
@@ -113,12 +128,16 @@ class Worker:
     def _first_full(self) -> int:
         return next(i for i, t in enumerate(self.layer_types) if t == "full_attention")
 
-    def _dense(self, seen: int) -> int:
-        """Bytes an uncompressed DynamicCache holds after ``seen`` tokens."""
+    def _dense(self, seen: int, cache) -> int:
+        """Bytes an uncompressed DynamicCache holds after ``seen`` tokens: ``seen`` tokens per
+        full-attention layer; sliding-window layers (never compressed here) as they are."""
         total = 0
-        for t in self.layer_types:
-            n = seen if t == "full_attention" or not self.sliding_window else min(seen, self.sliding_window)
-            total += n * self.tok_bytes
+        for i, t in enumerate(self.layer_types):
+            if t == "full_attention":
+                total += seen * self.tok_bytes
+            else:
+                k, v = _layer_kv(cache, i)
+                total += sum(x.numel() * x.element_size() for x in (k, v) if x is not None and x.dim() == 4)
         return total
 
     def _forward(self, cache, ids: list[int], start: int, logits_to_keep: int = 0):
@@ -145,7 +164,7 @@ class Worker:
             greedy = bool((logp.argmax(-1) == tgt).all())
             results.append([float(logp.gather(-1, tgt.unsqueeze(-1)).sum()), greedy])
             mems.append(_cache_bytes(cache))
-            denses.append(self._dense(len(ctx) + len(feed)))
+            denses.append(self._dense(len(ctx) + len(feed), cache))
             for i, n in enumerate(lengths):  # cut the continuation back out (kvpress pipeline does the same)
                 layer = cache.layers[i]
                 if self.layer_types[i] == "full_attention":
@@ -168,7 +187,7 @@ class Worker:
             pos += 1
             if tok in stop:
                 break
-        return {"tokens": out, "memory": [_cache_bytes(cache)], "dense": [self._dense(pos)]}
+        return {"tokens": out, "memory": [_cache_bytes(cache)], "dense": [self._dense(pos, cache)]}
 
 
 def _version(name: str) -> str:

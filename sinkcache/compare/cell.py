@@ -32,14 +32,17 @@ _WINDOW_MODE = {"recent-evict": "rest", "streamingllm": "rest"}
 def build_lm(cell: Cell, model_name: str, *, model: Any = None, tokenizer: Any = None, checkpoint: str | None = None, log: str | None = None):
     """The lm-eval model object that runs ``cell``."""
     from .lms import FractionLM, KVPressLM, QuantizedPeerLM
-    from .plan import QUANT_GROUP, QUANT_WINDOW
+    from .plan import HYBRID_GROUP, HYBRID_WINDOW, QUANT_GROUP, QUANT_WINDOW
 
     pretrained = model if model is not None else model_name
     common: dict[str, Any] = {"pretrained": pretrained, "tokenizer": tokenizer, "device": "cpu", "batch_size": 1}
     if cell.policy in _SINKCACHE_KW:
         kw = dict(_SINKCACHE_KW[cell.policy])
-        if kw["policy"] in ("quantize", "hybrid"):
+        if kw["policy"] == "quantize":
             kw.update(bits=cell.bits, window=QUANT_WINDOW, group_size=QUANT_GROUP)
+        elif kw["policy"] == "hybrid":
+            # smaller groups and window so that small budgets still leave room for evictable groups
+            kw.update(bits=cell.bits, window=HYBRID_WINDOW, group_size=HYBRID_GROUP)
         frac = None if cell.budget is None else cell.budget / 100.0
         return FractionLM(**common, **kw, budget_frac=frac, window_mode=_WINDOW_MODE.get(cell.policy, "default"))
     if cell.policy in ("hf-quanto", "hf-hqq"):
@@ -103,7 +106,7 @@ def run_cell(
             batch_size=1,
             device="cpu",
             limit=limit,
-            task_manager=task_manager(),
+            task_manager=task_manager(include_defaults=False),  # the suite only: skips indexing ~15k tasks
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -117,6 +120,7 @@ def run_cell(
     wall = time.perf_counter() - t0
     scores = _scores(results or {})
     memory = lm.kv_memory
+    memory.pop("cache", None) if getattr(lm, "peer", None) else None
     versions = _versions()
     if getattr(lm, "worker_versions", None):
         versions["peer_env"] = lm.worker_versions
@@ -125,7 +129,7 @@ def run_cell(
         "cell_id": cell.cell_id,
         "group": cell.group,
         "setting": cell.setting,
-        "cache": memory.pop("cache", {}),
+        "cache": getattr(lm, "peer", None) or memory.pop("cache", {}),
         "scores": scores,
         "memory": memory,
         "summary": summarize(cell, scores, memory),

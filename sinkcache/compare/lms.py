@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,19 @@ class FractionLM(SinkCacheLM):
         kw = self.cache_kwargs
         if self.budget_frac is None or kw["policy"] not in ("evict", "hybrid"):
             return super().make_cache()
-        return SinkCache(**fit_budget(kw, self.budget_frac, self._n_ctx, self.window_mode), model=self.model, tokenizer=self.tokenizer)
+        fitted = fit_budget(kw, self.budget_frac, self._n_ctx, self.window_mode)
+        for _ in range(4):
+            try:
+                return SinkCache(**fitted, model=self.model, tokenizer=self.tokenizer)
+            except ValueError as exc:
+                # A budget below the policy's minimum for this request (e.g. a hybrid needs room for
+                # its sink groups): raise it to the minimum the error names. Memory is measured, so
+                # the table shows what the request really held.
+                m = re.search(r"budget >= (\d+)", str(exc))
+                if m is None or int(m.group(1)) <= int(fitted["budget"]):
+                    raise
+                fitted["budget"] = int(m.group(1))
+        return SinkCache(**fitted, model=self.model, tokenizer=self.tokenizer)
 
     def _score_batch(self, contexts, rows):
         self._n_ctx = max(len(c) for c in contexts) - 1
@@ -146,6 +159,7 @@ class PeerQuantCache(Cache):
 
     def memory_bytes(self) -> int:
         total = 0
+        layer: Any
         for layer in self.layers:
             for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
                 val = getattr(layer, name, None)
@@ -156,6 +170,7 @@ class PeerQuantCache(Cache):
 
     def dense_bytes(self) -> int:
         total = 0
+        layer: Any
         for layer, full in zip(self.layers, self.full, strict=True):
             if not full:
                 total += tensor_bytes(layer.keys) + tensor_bytes(layer.values)
@@ -176,12 +191,12 @@ class QuantizedPeerLM(SinkCacheLM):
     """
 
     def __init__(self, *args: Any, backend: str = "quanto", nbits: int = 4, **kwargs: Any) -> None:
-        self.backend, self.nbits = backend, int(nbits)
+        self.quant_backend, self.nbits = backend, int(nbits)
         super().__init__(*args, policy="full", sinks="none", **kwargs)
-        self.cache_kwargs = {"policy": f"QuantizedCache[{backend}]", "bits": self.nbits}
+        self.peer = {"cache": "transformers QuantizedCache layers", "backend": backend, "nbits": self.nbits, "residual_length": 128, "q_group_size": 64}
 
     def make_cache(self) -> Any:
-        return PeerQuantCache(self.backend, self.model.config, self.nbits)
+        return PeerQuantCache(self.quant_backend, self.model.config, self.nbits)
 
     def _pad_quantum(self) -> int:
         return 1
@@ -217,7 +232,7 @@ class KVPressLM(SinkCacheLM):
 
     def __init__(self, *args: Any, press: str, ratio: float, checkpoint: str | Path, log: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, policy="full", sinks="none", **kwargs)
-        self.cache_kwargs = {"policy": f"kvpress[{press}]", "compression_ratio": ratio}
+        self.peer = {"package": "kvpress", "press": press, "compression_ratio": ratio}
         py = kvpress_python()
         if not py.exists():
             raise FileNotFoundError(f"kvpress virtualenv python {py} not found (set $SINKCACHE_KVPRESS_PYTHON)")
@@ -235,6 +250,9 @@ class KVPressLM(SinkCacheLM):
         hello = self._recv()
         self.worker_versions = hello.get("versions", {})
         self._stop_cache: dict[tuple[str, ...], list[int]] = {}
+
+    def _pad_quantum(self) -> int:
+        return 1
 
     def _send(self, req: dict) -> dict:
         assert self.proc.stdin is not None

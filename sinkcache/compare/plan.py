@@ -54,6 +54,9 @@ SUITE_TASKS = (*ACCURACY_METRICS, PPL_TASK)
 #: Knobs shared by our quantizers and the KIVI baseline (the same for both, so only sinks differ).
 QUANT_WINDOW = 32
 QUANT_GROUP = 32
+#: The hybrid's knobs: small, so that 12.5-50% budgets of 300-800-token requests leave evictable groups.
+HYBRID_WINDOW = 16
+HYBRID_GROUP = 16
 
 
 @dataclass(frozen=True)

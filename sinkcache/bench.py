@@ -1,0 +1,500 @@
+"""``sinkcache bench``: prefill time, decode speed, KV bytes and peak RSS per cache, against DynamicCache.
+
+For every context length and repetition the benchmark
+
+1. prefills ``DynamicCache`` once (the baseline's prefill time and first greedy token);
+2. for every other cache, in an order rotated each repetition:
+   a. decodes ``decode_tokens`` greedy tokens from the baseline's prefilled state, then crops the
+      baseline back to the prompt (the **A** of an A B A B pair: a baseline decode right before
+      every measured cache, so slow drifts in machine load hit both alike);
+   b. builds the cache, prefills the same prompt into it and decodes the same number of tokens
+      (the **B**).
+
+Decode is timed per step, separately from prefill. Ratios are medians over repetitions of the
+cache divided by medians of the baseline measured next to it. KV bytes are what the cache holds
+after the last decode step (packed codes, scales/zeros, full-precision sinks and window,
+metadata); ``kv_x16`` compares against a 16-bit ``DynamicCache`` (2 bytes per element) as well as
+the model-dtype one. Peak RSS is per cell, in process: Linux's peak-RSS counter (``VmHWM``) is
+reset through ``/proc/self/clear_refs`` before each cell and read after it; the delta is over the
+RSS at the cell's start (the model's weights are not in it).
+
+All numbers come from one process on whatever machine runs it; the JSON records the machine, the
+load average before and after, and the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Contexts and sizes of ``--quick`` (a few minutes on 2 CPU cores) and of the full run.
+QUICK = dict(contexts=(512, 2048), decode_tokens=16, reps=2)
+FULL = dict(contexts=(512, 1024, 2048, 4096), decode_tokens=16, reps=2)
+#: Caches of ``--quick`` and of the full run (``--caches`` picks any of :func:`default_specs`).
+QUICK_CACHES = ("evict", "int4", "int2", "quanto4")
+FULL_CACHES = ("evict", "evict-nosink", "int4", "int4-profile", "int4-nosink", "int2", "hybrid2", "quanto4", "quanto2")
+#: Budget (tokens per layer) of the evicting policies: below every long context, so eviction
+#: must show a flat decode cost once the context exceeds it.
+BUDGET = 1024
+BASELINE = "dynamic"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache configuration to measure.
+
+    ``kind``: ``"dynamic"`` (``DynamicCache``), ``"sinkcache"`` (``SinkCache(**options)``) or
+    ``"quanto"`` (transformers' ``QuantizedCache(backend="quanto", nbits=options["nbits"])``).
+    """
+
+    name: str
+    label: str
+    kind: str
+    options: dict = field(default_factory=dict)
+
+    def build(self, model: Any, tokenizer: Any = None):
+        """A fresh cache for ``model``."""
+        from transformers import DynamicCache, QuantizedCache
+
+        if self.kind == "dynamic":
+            return DynamicCache(config=model.config)
+        if self.kind == "quanto":
+            return QuantizedCache(backend="quanto", config=model.config, **self.options)
+        if self.kind == "sinkcache":
+            from .cache import SinkCache
+
+            return SinkCache(model=model, tokenizer=tokenizer, **self.options)
+        raise ValueError(f"cache kind {self.kind!r} is unknown; allowed: dynamic, sinkcache, quanto")
+
+
+def default_specs(budget: int = BUDGET, profile: str | None = None) -> list[CacheSpec]:
+    """The baseline, every policy in its sink-aware and sink-blind form, and quanto as a peer.
+
+    ``profile``: a built-in sink profile name; adds ``int4-profile`` (sinks chosen by token id from
+    the profile: sink-aware without the runtime attention measurement of ``sinks="auto"``).
+    """
+    specs = [
+        CacheSpec(BASELINE, "DynamicCache (baseline)", "dynamic"),
+        CacheSpec("full", "SinkCache full", "sinkcache", dict(policy="full")),
+        CacheSpec("evict", f"evict budget {budget}, sinks auto", "sinkcache", dict(policy="evict", budget=budget)),
+        CacheSpec("evict-nosink", f"evict budget {budget}, no sinks", "sinkcache", dict(policy="evict", budget=budget, sinks="none")),
+        CacheSpec("int4", "quantize int4, sinks auto", "sinkcache", dict(policy="quantize", bits=4)),
+        CacheSpec("int4-profile", "quantize int4, sinks from profile", "sinkcache", dict(policy="quantize", bits=4, profile=profile)),
+        CacheSpec("int4-nosink", "quantize int4, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=4, sinks="none")),
+        CacheSpec("int2", "quantize int2, sinks auto", "sinkcache", dict(policy="quantize", bits=2)),
+        CacheSpec("int2-nosink", "quantize int2, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=2, sinks="none")),
+        CacheSpec("hybrid2", f"hybrid int2 budget {budget}, sinks auto", "sinkcache", dict(policy="hybrid", bits=2, budget=budget)),
+        CacheSpec("quanto4", "transformers QuantizedCache quanto int4", "quanto", dict(nbits=4)),
+        CacheSpec("quanto2", "transformers QuantizedCache quanto int2", "quanto", dict(nbits=2)),
+    ]
+    return [s for s in specs if s.name != "int4-profile" or profile is not None]
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+
+def tensor_bytes(t: Any) -> int:
+    """Bytes of a tensor, walking tensor subclasses (quanto's packed tensors) down to real storage."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def kv_bytes(cache: Any) -> int:
+    """KV bytes a cache holds: ``SinkCache.memory_bytes()``, else every tensor attribute of every layer."""
+    if hasattr(cache, "memory_bytes"):
+        return int(cache.memory_bytes())
+    return sum(tensor_bytes(v) for layer in cache.layers for v in vars(layer).values())
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter for this process (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _trim() -> None:
+    """Collect garbage and hand freed heap back to the OS, so the next cell's RSS starts clean."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- one measurement -------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One prefill + decode of one cache at one context (times in seconds, bytes in bytes)."""
+
+    cache: str
+    context: int
+    rep: int
+    prefill_s: float
+    step_s: list[float]
+    kv_bytes: int
+    peak_rss: int
+    rss_delta: int
+    tokens: list[int]
+    baseline_step_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tps(self) -> float:
+        return len(self.step_s) / sum(self.step_s)
+
+
+def _decode(model: Any, cache: Any, first: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
+    """Greedy-decode ``n`` tokens starting from ``first`` ``[1, 1]``; per-step seconds and the tokens."""
+    steps, toks, tok = [], [], first
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        steps.append(time.perf_counter() - t0)
+        toks.append(int(tok))
+    return steps, toks
+
+
+def _prefill(model: Any, cache: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    # logits_to_keep=1: like generate(), do not build [context, vocab] logits nobody reads.
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t0, first
+
+
+def _rewind(cache: Any, length: int) -> None:
+    """Crop a ``DynamicCache`` back to ``length`` tokens (transformers 5.23 takes a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def measure(model: Any, spec: CacheSpec, ids: torch.Tensor, decode_tokens: int, tokenizer: Any = None, rep: int = 0) -> tuple[Run, Any, torch.Tensor]:
+    """Prefill ``ids`` ``[1, context]`` into a fresh ``spec`` cache and decode; returns the run, the cache, the first token."""
+    _trim()
+    reset = _reset_peak()
+    rss0 = _rss()
+    cache = spec.build(model, tokenizer)
+    prefill_s, first = _prefill(model, cache, ids)
+    steps, toks = _decode(model, cache, first, decode_tokens)
+    peak = _peak_rss() if reset else 0
+    run = Run(spec.name, ids.shape[1], rep, prefill_s, steps, kv_bytes(cache), peak, max(peak - rss0, 0) if reset else 0, toks)
+    return run, cache, first
+
+
+# ---- the sweep -------------------------------------------------------------------------------
+
+
+def run_bench(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    *,
+    contexts: Sequence[int],
+    specs: Sequence[CacheSpec],
+    reps: int,
+    decode_tokens: int,
+    tokenizer: Any = None,
+    log: Callable[[str], None] | None = print,
+) -> list[Run]:
+    """Measure every spec at every context (``prompt_ids`` ``[1, >= max(contexts)]``), interleaved with the baseline.
+
+    ``specs`` must start with the ``dynamic`` baseline. Returns every run (the baseline's too).
+    """
+    if not specs or specs[0].kind != "dynamic":
+        raise ValueError("the first spec must be the DynamicCache baseline (kind='dynamic')")
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must be [1, tokens], got {tuple(prompt_ids.shape)}")
+    if max(contexts) > prompt_ids.shape[1]:
+        raise ValueError(f"context {max(contexts)} exceeds the {prompt_ids.shape[1]} prompt tokens available")
+    if reps < 1 or decode_tokens < 1:
+        raise ValueError(f"reps={reps} and decode_tokens={decode_tokens} must be >= 1")
+    base, others = specs[0], list(specs[1:])
+    runs: list[Run] = []
+    with torch.inference_mode():
+        # Warm-up (not recorded): first-call allocations and lazy initialisation would otherwise be
+        # charged to whichever cell runs first.
+        measure(model, base, prompt_ids[:, : min(contexts)], 2, tokenizer)
+        for ctx in contexts:
+            ids = prompt_ids[:, :ctx]
+            for rep in range(reps):
+                brun, bcache, first = measure(model, base, ids, decode_tokens, tokenizer, rep)
+                runs.append(brun)
+                _rewind(bcache, ctx)
+                k = rep % len(others) if others else 0
+                for spec in others[k:] + others[:k]:  # rotate, so no cache always runs right after a model load
+                    # A: the baseline decodes next to this cache, from its own prefilled state.
+                    steps, _ = _decode(model, bcache, first, decode_tokens)
+                    _rewind(bcache, ctx)
+                    # B: the cache under test.
+                    run, cache, _ = measure(model, spec, ids, decode_tokens, tokenizer, rep)
+                    run.baseline_step_s = steps
+                    runs.append(run)
+                    del cache
+                    if log:
+                        log(
+                            f"ctx {ctx:6d} rep {rep} {spec.name:14s} prefill {run.prefill_s:7.2f}s  decode "
+                            f"{run.decode_tps:6.1f} tok/s (baseline {len(steps) / sum(steps):6.1f})  "
+                            f"KV {run.kv_bytes / 2**20:7.1f} MiB"
+                        )
+                del bcache
+    return runs
+
+
+# ---- summary ---------------------------------------------------------------------------------
+
+
+def _med(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def summarize(runs: Sequence[Run], specs: Sequence[CacheSpec], dtype_bytes: int) -> list[dict]:
+    """One row per (context, cache): medians and ratios to the baseline measured alongside.
+
+    Ratios: ``prefill_x`` = time / baseline time (lower is better); ``decode_x`` = tokens/s /
+    baseline tokens/s (higher is better); ``kv_x`` = baseline bytes / bytes ("x smaller");
+    ``kv_x16`` = the same against a 16-bit DynamicCache; ``rss_x`` = peak RSS delta / baseline's.
+    """
+    rows = []
+    labels = {s.name: s.label for s in specs}
+    contexts = sorted({r.context for r in runs})
+    for ctx in contexts:
+        base = [r for r in runs if r.context == ctx and r.cache == specs[0].name]
+        b_prefill = _med([r.prefill_s for r in base])
+        b_kv = _med([r.kv_bytes for r in base])
+        b_rss = _med([r.rss_delta for r in base])
+        b_tokens = base[0].tokens if base else []
+        for spec in specs:
+            rs = [r for r in runs if r.context == ctx and r.cache == spec.name]
+            if not rs:
+                continue
+            if spec.name == specs[0].name:
+                # The baseline's decode speed: every A run of this context (its own B is the first decode).
+                paired = [len(r.step_s) / sum(r.step_s) for r in rs]
+                paired += [len(r.baseline_step_s) / sum(r.baseline_step_s) for r in runs if r.context == ctx and r.baseline_step_s]
+                tps, b_tps = _med(paired), _med(paired)
+            else:
+                tps = _med([r.decode_tps for r in rs])
+                b_tps = _med([len(r.baseline_step_s) / sum(r.baseline_step_s) for r in rs])
+            kv = _med([r.kv_bytes for r in rs])
+            n = min(len(b_tokens), len(rs[0].tokens))
+            agree = sum(a == b for a, b in zip(b_tokens[:n], rs[0].tokens[:n])) / n if n else float("nan")
+            rows.append(
+                dict(
+                    context=ctx,
+                    cache=spec.name,
+                    label=labels[spec.name],
+                    reps=len(rs),
+                    prefill_s=_med([r.prefill_s for r in rs]),
+                    prefill_x=_med([r.prefill_s for r in rs]) / b_prefill,
+                    decode_tps=tps,
+                    decode_x=tps / b_tps,
+                    ms_per_token=_med([1e3 * s for r in rs for s in r.step_s]),
+                    kv_bytes=kv,
+                    kv_x=b_kv / kv,
+                    kv_x16=b_kv * 2 / dtype_bytes / kv,
+                    peak_rss=_med([r.peak_rss for r in rs]),
+                    rss_delta=_med([r.rss_delta for r in rs]),
+                    rss_x=_med([r.rss_delta for r in rs]) / b_rss if b_rss else float("nan"),
+                    agree=agree,
+                )
+            )
+    return rows
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """What ran this: platform, cores, torch, threads, load average now."""
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def to_markdown(rows: Sequence[dict], meta: dict[str, Any]) -> str:
+    """The results table (markdown), with the run's settings and machine stated above it."""
+    m = meta["machine"]
+    lines = [
+        f"# sinkcache bench: {meta['model']} ({meta['dtype']}), {meta['decode_tokens']} decode tokens, "
+        f"{meta['reps']} reps",
+        "",
+        f"Machine: {m['machine']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} torch thread(s); "
+        f"shared with other jobs: load average {meta['load_before']} before, {meta['load_after']} after. "
+        f"Command: `{meta['command']}`; {meta['seconds']:.0f} s.",
+        "",
+        "Medians over repetitions; `x` columns are ratios to `DynamicCache` measured in the same run "
+        "(decode: the baseline decoded right before each cache, A B A B). Decode `x` > 1 is faster; "
+        "KV `x` is how many times smaller (vs the model-dtype cache, and vs a 16-bit one at 2 bytes/element). "
+        "Peak RSS: growth over the cell's starting RSS (VmHWM reset per cell, in process). "
+        "`agree`: share of greedy tokens equal to DynamicCache's.",
+        "",
+        "| context | cache | prefill s | x | decode tok/s | x | ms/token | KV MiB | KV x smaller | vs 16-bit | peak RSS +MiB | agree |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['context']} | {r['label']} | {r['prefill_s']:.2f} | {r['prefill_x']:.2f} | {r['decode_tps']:.1f} | "
+            f"{r['decode_x']:.2f} | {r['ms_per_token']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {r['kv_x']:.2f} | "
+            f"{r['kv_x16']:.2f} | {r['rss_delta'] / 2**20:.0f} | {r['agree']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(rows: Sequence[dict], path: Path, budget: int = BUDGET, caches: Sequence[str] | None = None) -> Path:
+    """``decode_cost_vs_context.png``: median decode ms/token against context, one line per cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(caches) if caches else list(dict.fromkeys(r["cache"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        pts = sorted((r["context"], r["ms_per_token"], r["label"]) for r in rows if r["cache"] == name)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pts[0][2])
+    ax.axvline(budget, color="grey", linestyle=":", label=f"eviction budget ({budget})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (prompt tokens)")
+    ax.set_ylabel("decode ms / token (median)")
+    ax.set_title("Per-token decode cost vs context")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(runs: Sequence[Run], rows: Sequence[dict], meta: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json`` (meta, summary rows, every run), ``results.md`` and the scaling plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "decode_cost_vs_context.png"}
+    payload = {"meta": meta, "summary": list(rows), "runs": [asdict(r) for r in runs]}
+    paths["json"].write_text(json.dumps(payload, indent=1))
+    paths["md"].write_text(to_markdown(rows, meta))
+    scaling = [n for n in (BASELINE, "evict", "evict-nosink", "int4", "int2", "hybrid2", "quanto4") if any(r["cache"] == n for r in rows)]
+    plot_scaling(rows, paths["png"], meta.get("budget", BUDGET), scaling)
+    return paths
+
+
+def bench(
+    model_name: str = "smollm2-135m",
+    *,
+    quick: bool = False,
+    contexts: Sequence[int] | None = None,
+    caches: Sequence[str] | None = None,
+    reps: int | None = None,
+    decode_tokens: int | None = None,
+    budget: int = BUDGET,
+    dtype: str = "float32",
+    threads: int = 1,
+    out_dir: str | Path = "evals/results/bench",
+    command: str = "",
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Load ``model_name``, run the sweep on held-out text, write the results; returns meta, rows and paths."""
+    from .calibration import split_text
+    from .models import load_model
+
+    preset = QUICK if quick else FULL
+    caches = tuple(caches or (QUICK_CACHES if quick else FULL_CACHES))
+    contexts = tuple(contexts or preset["contexts"])  # type: ignore[arg-type]
+    reps = int(reps or preset["reps"])  # type: ignore[call-overload]
+    decode_tokens = int(decode_tokens or preset["decode_tokens"])  # type: ignore[call-overload]
+    from .profile import PROFILE_DIR
+
+    prof_path = PROFILE_DIR / f"{model_name}.json"
+    specs = default_specs(budget, model_name if prof_path.exists() else None)
+    if caches:
+        unknown = sorted(set(caches) - {s.name for s in specs})
+        if unknown:
+            raise ValueError(f"unknown cache(s) {', '.join(unknown)}; allowed: {', '.join(s.name for s in specs)}")
+        specs = [s for s in specs if s.name == BASELINE or s.name in caches]
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, tok = load_model(model_name, dtype=dtype, progress=False)
+        ids = tok(split_text("heldout"), return_tensors="pt")["input_ids"]
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        t0 = time.perf_counter()
+        runs = run_bench(model, ids, contexts=contexts, specs=specs, reps=reps, decode_tokens=decode_tokens, tokenizer=tok, log=log)
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before_threads)
+    dtype_bytes = next(model.parameters()).element_size()
+    rows = summarize(runs, specs, dtype_bytes)
+    meta = {
+        "model": model_name,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "contexts": list(contexts),
+        "reps": reps,
+        "decode_tokens": decode_tokens,
+        "budget": budget,
+        "caches": {s.name: {"label": s.label, "kind": s.kind, "options": s.options} for s in specs},
+        "machine": machine_info(threads),
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": seconds,
+        "command": command or "sinkcache bench",
+        "peak_rss_method": "in process: VmHWM reset via /proc/self/clear_refs before each cell, minus RSS at cell start",
+    }
+    paths = write_results(runs, rows, meta, out_dir)
+    return {"meta": meta, "rows": rows, "paths": paths}
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    """A compact console table of the summary rows (the ratios the issue asks to print)."""
+    head = f"{'ctx':>6} {'cache':14s} {'prefill s':>9} {'x':>5} {'tok/s':>7} {'x':>5} {'KV MiB':>8} {'x':>6} {'x16':>6} {'RSS+MiB':>8} {'agree':>5}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['context']:6d} {r['cache']:14s} {r['prefill_s']:9.2f} {r['prefill_x']:5.2f} {r['decode_tps']:7.1f} "
+            f"{r['decode_x']:5.2f} {r['kv_bytes'] / 2**20:8.1f} {r['kv_x']:6.2f} {r['kv_x16']:6.2f} "
+            f"{r['rss_delta'] / 2**20:8.0f} {r['agree']:5.2f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,344 @@
+"""``sinkcache compare``: sweep plan, memory matching, peers' adapters, resume and results writing.
+
+Uses the tiny random Llama and byte tokenizer of ``test_evals`` (no download). The kvpress protocol
+is tested with a fake worker; the real worker (kvpress virtualenv: ``$SINKCACHE_KVPRESS_PYTHON``,
+default ``/work/venvs/kvpress/bin/python``) runs with ``SINKCACHE_TEST_KVPRESS=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _build
+from lm_eval.api.instance import Instance
+from test_evals import _byte_tokenizer, _distinct
+
+from sinkcache.compare import lms as lms_mod
+from sinkcache.compare.cell import run_cell, summarize
+from sinkcache.compare.lms import (
+    FractionLM,
+    KVPressLM,
+    PeerQuantCache,
+    QuantizedPeerLM,
+    fit_budget,
+    tensor_bytes,
+)
+from sinkcache.compare.plan import PPL_TASK, SUITE_TASKS, Cell, parse_list, plan, run_key
+from sinkcache.compare.report import write_results
+from sinkcache.compare.runner import interleave, run_sweep
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return _build("llama", vocab_size=len(tok))
+
+
+def _ll(n_ctx: int, seed: int = 0) -> list[Instance]:
+    rng = random.Random(seed)
+    ctx = _distinct(rng, min(n_ctx, 90)) * (n_ctx // 90 + 1)
+    ctx = ctx[:n_ctx]
+    out = []
+    for j, cont in enumerate((" abc", " de")):
+        r = Instance("loglikelihood", doc={}, arguments=(ctx, cont), idx=j, metadata=("t", 0, 1))
+        r.task_name = "t"
+        out.append(r)
+    return out
+
+
+def _gen(n_ctx: int, seed: int = 1) -> list[Instance]:
+    rng = random.Random(seed)
+    r = Instance(
+        "generate_until",
+        doc={},
+        arguments=(_distinct(rng, 90)[: n_ctx], {"until": ["zz"], "max_gen_toks": 6, "do_sample": False}),
+        idx=0,
+        metadata=("t", 0, 1),
+    )
+    r.task_name = "t"
+    return [r]
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def test_plan_sweeps_budgets_for_evictors_and_bits_for_quantizers():
+    cells = plan(["full", "sink-evict", "kivi", "sink-hybrid", "kvpress-snapkv"], [50, 25], [4, 2], [4])
+    ids = [c.cell_id for c in cells]
+    assert ids == [
+        "full",
+        "sink-evict_b50",
+        "sink-evict_b25",
+        "kivi_4bit",
+        "kivi_2bit",
+        "sink-hybrid_4bit_b50",
+        "sink-hybrid_4bit_b25",
+        "kvpress-snapkv_b50",
+        "kvpress-snapkv_b25",
+    ]
+    # kvpress compresses at prefill only: no streaming perplexity
+    assert PPL_TASK not in cells[-1].tasks and PPL_TASK in cells[0].tasks
+    assert cells[1].setting == "50% tokens" and cells[3].setting == "int4"
+    assert Cell.from_dict(cells[5].to_dict()) == cells[5]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(policies=["nope"]), dict(budgets=[0]), dict(budgets=[150]), dict(bits=[3]), dict(tasks=["gsm8k"])],
+)
+def test_plan_rejects_bad_input(kwargs):
+    with pytest.raises(ValueError):
+        plan(**kwargs)
+
+
+def test_parse_list_and_run_key():
+    assert parse_list("50%, 25,12.5", float) == [50.0, 25.0, 12.5]
+    c = Cell("sink-evict", budget=25.0)
+    assert run_key("m", 5, 0, c) == run_key("m", 5, 0, c)
+    assert run_key("m", 5, 0, c) != run_key("m", 6, 0, c)
+    assert run_key("m", 5, 0, c) != run_key("m", 5, 0, Cell("sink-evict", budget=12.5))
+
+
+def test_interleave_covers_every_policy_first():
+    cells = plan(["sink-evict", "kivi", "full"], [50, 25, 12.5], [4, 2])
+    order = [c.cell_id for c in interleave(cells)]
+    assert order[:3] == ["sink-evict_b50", "kivi_4bit", "full"]
+    assert sorted(order) == sorted(c.cell_id for c in cells)
+
+
+# ------------------------------------------------------------------------------------ memory matching
+
+
+def test_fit_budget_is_a_fraction_of_the_request():
+    base = dict(policy="evict", bits=None, budget=None, window=None, group_size=None, sinks="auto", n_first=1, max_sinks=None)
+    assert fit_budget(base, 0.25, 400, "default")["budget"] == 100
+    assert fit_budget(base, 0.125, 401, "default")["budget"] == 51  # ceil
+    rest = fit_budget(dict(base, sinks="none"), 0.5, 300, "rest")
+    assert (rest["budget"], rest["window"]) == (150, 150)  # pure recent window
+    first = fit_budget(dict(base, sinks="first", n_first=4), 0.5, 300, "rest")
+    assert (first["budget"], first["window"]) == (150, 146)  # StreamingLLM: 4 sinks + window
+
+
+@pytest.mark.parametrize("frac", [0.5, 0.25])
+@pytest.mark.parametrize("sinks", ["auto", "none"])
+def test_fraction_lm_holds_the_fraction_of_each_request(model, tok, frac, sinks):
+    lm = FractionLM(pretrained=model, tokenizer=tok, device="cpu", policy="evict", sinks=sinks, budget_frac=frac)
+    for n in (200, 400):
+        lm.kv_log.reset()
+        lm.loglikelihood(_ll(n), disable_tqdm=True)
+        mem = lm.kv_memory
+        # measured after scoring the continuation (a few tokens more than the budget's context)
+        assert mem["ratio_vs_full"] == pytest.approx(frac, abs=0.03)
+
+
+def test_fraction_lm_budget_one_equals_full(model, tok):
+    full = FractionLM(pretrained=model, tokenizer=tok, device="cpu", policy="full")
+    ev = FractionLM(pretrained=model, tokenizer=tok, device="cpu", policy="evict", sinks="none", budget_frac=1.0, window_mode="rest")
+    a = [s for s, _ in full.loglikelihood(_ll(150), disable_tqdm=True)]
+    b = [s for s, _ in ev.loglikelihood(_ll(150), disable_tqdm=True)]
+    assert a == pytest.approx(b, abs=1e-4)
+    assert full.generate_until(_gen(80), disable_tqdm=True) == ev.generate_until(_gen(80), disable_tqdm=True)
+
+
+def test_fraction_lm_rejects_bad_fraction(model, tok):
+    with pytest.raises(ValueError, match="budget_frac"):
+        FractionLM(pretrained=model, tokenizer=tok, device="cpu", policy="evict", budget_frac=1.5)
+
+
+# ------------------------------------------------------------------------------------ quantized peer
+
+
+def test_peer_quant_cache_measures_packed_tensors(model):
+    ids = torch.randint(3, 200, (1, 200))
+    c = PeerQuantCache("quanto", model.config, 2)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=c, use_cache=True)
+    dense = c.dense_bytes()
+    assert dense == 2 * 2 * 2 * 32 * 200 * 4  # K+V x layers x kv heads x head_dim x tokens x fp32
+    # 2-bit codes + per-group scale/shift: far below fp32, above the bare 2/32 of the codes
+    assert 2 / 32 < c.memory_bytes() / dense < 0.25
+    q = c.layers[0]._quantized_keys
+    assert tensor_bytes(q) < q.dequantize().numel() * 4 / 4
+
+
+def test_quantized_peer_lm_scores_like_a_lossy_full_cache(model, tok):
+    full = FractionLM(pretrained=model, tokenizer=tok, device="cpu", policy="full")
+    q4 = QuantizedPeerLM(pretrained=model, tokenizer=tok, device="cpu", backend="quanto", nbits=4)
+    a = torch.tensor([s for s, _ in full.loglikelihood(_ll(200), disable_tqdm=True)])
+    b = torch.tensor([s for s, _ in q4.loglikelihood(_ll(200), disable_tqdm=True)])
+    assert not torch.equal(a, b)  # quantized context
+    assert torch.allclose(a, b, rtol=0.2, atol=2.0)
+    assert 0.1 < q4.kv_memory["ratio_vs_full"] < 0.3
+    assert q4.generate_until(_gen(80), disable_tqdm=True)[0] is not None
+
+
+# ------------------------------------------------------------------------------------ kvpress peer
+
+
+FAKE_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    print(json.dumps({"ready": True, "versions": {"kvpress": "fake"}}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "exit":
+            print(json.dumps({"peak_rss_bytes": 123}), flush=True); break
+        n = len(req["ctx"])
+        if req["op"] == "score":
+            out = {"results": [[-float(len(t)), True] for t in req["targets"]],
+                   "memory": [n] * len(req["conts"]), "dense": [2 * n] * len(req["conts"])}
+        else:
+            assert req["last"] not in req["ctx"][-1:] or True
+            out = {"tokens": [req["stop_ids"][0]], "memory": [n], "dense": [4 * n], "echo_max_new": req["max_new"]}
+        print(json.dumps(out), flush=True)
+    """
+)
+
+
+def test_kvpress_lm_protocol_with_a_fake_worker(model, tok, tmp_path, monkeypatch):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setenv("SINKCACHE_KVPRESS_PYTHON", sys.executable)
+    monkeypatch.setattr(lms_mod, "worker_script", lambda: script)
+    lm = KVPressLM(pretrained=model, tokenizer=tok, device="cpu", press="knorm", ratio=0.5, checkpoint=str(tmp_path))
+    try:
+        res = lm.loglikelihood(_ll(100), disable_tqdm=True)
+        assert [r[0] for r in res] == [-4.0, -3.0]  # " abc" and " de" as byte tokens
+        gen = lm.generate_until(_gen(60), disable_tqdm=True)
+        assert gen == [""]  # the worker answered EOS at once
+        mem = lm.kv_memory
+        assert mem["requests"] == 3
+        assert mem["per_task"]["t"]["mean_memory_bytes"] > 0
+    finally:
+        assert lm.close() == 123
+    assert lm.peer == {"package": "kvpress", "press": "knorm", "compression_ratio": 0.5}
+
+
+def _kvpress_python() -> Path:
+    return lms_mod.kvpress_python()
+
+
+@pytest.mark.skipif(
+    not _kvpress_python().exists() or os.environ.get("SINKCACHE_TEST_KVPRESS") != "1",
+    reason="needs the kvpress virtualenv and SINKCACHE_TEST_KVPRESS=1 (starts two workers: ~10-60 s)",
+)
+def test_kvpress_worker_without_compression_equals_full_cache(model, tok, tmp_path):
+    ckpt = tmp_path / "tiny"
+    model.save_pretrained(ckpt)
+    full = FractionLM(pretrained=model, tokenizer=tok, device="cpu", policy="full")
+    a = [s for s, _ in full.loglikelihood(_ll(120), disable_tqdm=True)]
+    g_full = full.generate_until(_gen(80), disable_tqdm=True)
+    lm = KVPressLM(pretrained=model, tokenizer=tok, device="cpu", press="knorm", ratio=0.0, checkpoint=str(ckpt))
+    try:
+        b = [s for s, _ in lm.loglikelihood(_ll(120), disable_tqdm=True)]
+        assert lm.generate_until(_gen(80), disable_tqdm=True) == g_full
+    finally:
+        lm.close()
+    assert a == pytest.approx(b, abs=1e-3)
+    lm2 = KVPressLM(pretrained=model, tokenizer=tok, device="cpu", press="knorm", ratio=0.5, checkpoint=str(ckpt))
+    try:
+        lm2.loglikelihood(_ll(200), disable_tqdm=True)
+        assert lm2.kv_memory["ratio_vs_full"] == pytest.approx(0.5, abs=0.03)
+    finally:
+        lm2.close()
+
+
+# ------------------------------------------------------------------------------------ cells, sweep, results
+
+
+def test_run_cell_on_two_tasks(model, tok):
+    cell = Cell("sink-evict", budget=25.0, tasks=("sinkcache_kv_retrieval", PPL_TASK))
+    rec = run_cell(cell, "tiny", limit=1, model=model, tokenizer=tok)
+    s = rec["summary"]
+    assert set(s["per_task"]) == {"sinkcache_kv_retrieval"}
+    assert s["bits_per_byte"] is not None and s["bits_per_byte"] > 0
+    assert s["kv_ratio"] == pytest.approx(0.25, abs=0.03)
+    assert rec["time_s"]["wall"] > 0 and rec["peak_rss_bytes"] > 0
+    assert rec["memory"]["per_task"].keys() == {"sinkcache_kv_retrieval", PPL_TASK}
+
+
+def test_summarize_averages_accuracy_tasks():
+    cell = Cell("full", tasks=SUITE_TASKS)
+    scores = {"sinkcache_passkey": {"exact_match,first_number": 1.0}, "sinkcache_facts_mc": {"acc,none": 0.5}, PPL_TASK: {"bits_per_byte,none": 1.2}}
+    s = summarize(cell, scores, {"ratio_vs_full": 1.0})
+    assert s["suite_score"] == pytest.approx(0.75)
+    assert s["bits_per_byte"] == 1.2 and s["per_task"]["sinkcache_niah_multikey"] is None
+
+
+def _fake_record(spec: dict, score: float) -> dict:
+    cell = Cell.from_dict(spec["cell"])
+    ratio = (cell.budget or 100) / 100 * (1 if cell.bits is None else cell.bits / 32)
+    summary = {"per_task": {t: score for t in ("sinkcache_passkey",)}, "suite_score": score, "bits_per_byte": 1.0 + (1 - ratio),
+               "kv_ratio": ratio, "mean_kv_bytes": 1000 * ratio, "mean_full_kv_bytes": 1000.0}
+    return {"key": spec["key"], "cell": spec["cell"], "cell_id": cell.cell_id, "group": cell.group, "setting": cell.setting,
+            "summary": summary, "scores": {}, "memory": {}, "time_s": {"wall": 1.0}, "peak_rss_bytes": 2**20}
+
+
+def test_sweep_resumes_and_writes_results(tmp_path):
+    calls: list[str] = []
+
+    def runner(spec_path: Path, out_path: Path, log_path: Path) -> int:
+        spec = json.loads(spec_path.read_text())
+        calls.append(spec["cell"]["policy"] + str(spec["cell"]["budget"] or spec["cell"]["bits"]))
+        if spec["cell"]["policy"] == "kivi" and spec["cell"]["bits"] == 2 and len([c for c in calls if c == "kivi2"]) == 1:
+            return 1  # first attempt of this cell fails
+        out_path.write_text(json.dumps(_fake_record(spec, 0.5)))
+        return 0
+
+    cells = plan(["full", "sink-evict", "kivi"], [50, 25], [4, 2])
+    res = run_sweep("tiny", cells, tmp_path, limit=1, runner=runner, progress=False)
+    assert len(calls) == 5 and len(res["done"]) == 4 and [f["cell_id"] for f in res["failed"]] == ["kivi_2bit"]
+    res2 = run_sweep("tiny", cells, tmp_path, limit=1, runner=runner, progress=False)
+    assert calls[5:] == ["kivi2"] and res2["skipped"] == 4 and len(res2["done"]) == 5 and not res2["failed"]
+    res3 = run_sweep("tiny", cells, tmp_path, limit=2, runner=runner, progress=False)  # other limit: redo all
+    assert res3["skipped"] == 0 and len(calls) == 11
+    write_results(tmp_path, "tiny", res3["done"], {"limit": 2, "seed": 0, "planned": 5, "command": "sinkcache compare tiny"})
+    md = (tmp_path / "results.md").read_text()
+    assert "| ours | sink-evict | 50% tokens | 50.0 |" in md and "kivi_2bit" not in md and "| baseline | kivi | int2 | 6.2 |" in md
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [c["cell_id"] for c in data["cells"]] == [c.cell_id for c in interleave(cells)]
+    png = tmp_path / "accuracy_vs_kv_memory.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_dry_run_lists_cells(capsys):
+    from sinkcache.cli import main
+
+    assert main(["compare", "tiny", "--policies", "sink-evict,hf-quanto", "--budgets", "50,25", "--bits", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out.split("\n")
+    assert [line.split("\t")[0] for line in out if line] == ["sink-evict_b50", "sink-evict_b25", "hf-quanto_2bit"]
+    assert main(["compare", "tiny", "--policies", "bogus", "--dry-run"]) == 2
+
+
+def test_peer_quant_cache_keeps_sliding_layers_of_gemma3(tiny):
+    model = tiny("gemma3")
+    ids = torch.randint(3, 100, (1, 40))
+    c = PeerQuantCache("quanto", model.config, 4)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = model(input_ids=ids, past_key_values=c, use_cache=True).logits
+        step = model(input_ids=ids[:, :1], past_key_values=c, use_cache=True).logits
+    assert torch.allclose(ref, out, atol=1e-5)  # the prompt itself is attended exactly
+    assert torch.isfinite(step).all()
+    kinds = [type(layer).__name__ for layer in c.layers]
+    assert kinds == ["DynamicSlidingWindowLayer", "QuantoQuantizedLayer"] * 2
+    assert 0 < c.memory_bytes() < c.dense_bytes()

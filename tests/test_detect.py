@@ -1,0 +1,222 @@
+"""The runtime sink detector (``sinks="auto"``, :mod:`sinkcache.detect`) on a tiny planted-sink model.
+
+The planted model (as in tests/test_analysis.py): every query carries a constant component in one
+head dimension and only token ``SINK`` has a key there, so every later query attends to it. All
+other attention is close to uniform, which is the hard case for chunk-local scoring: the earliest
+keys of a chunk draw ~H(w)/w of a uniform window's attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sinkcache import SinkCache
+from sinkcache.detect import AutoSinks, make_auto_sinks, window_attention
+
+SINK = 7
+NORMAL = 50
+QUIET = 60  # a "punctuation" id that draws no attention
+HEAD_DIM = 16
+
+
+def planted_model(layers: int = 1, strength: float = 6.0) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=HEAD_DIM, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    j = HEAD_DIM // 2 - 1
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.normal_(0, 0.3)
+        emb[:, 0] = 0.0
+        emb[:, 1] = 1.0
+        emb[SINK, 0] = 3.0
+        for layer in model.model.layers:
+            att = layer.self_attn
+            att.q_proj.weight.mul_(0.1)
+            att.k_proj.weight.mul_(0.1)
+            att.q_proj.weight[:, :2] = 0.0
+            att.k_proj.weight[:, :2] = 0.0
+            for h in range(cfg.num_attention_heads):
+                att.q_proj.weight[h * HEAD_DIM + j, 1] = strength
+            for g in range(cfg.num_key_value_heads):
+                att.k_proj.weight[g * HEAD_DIM + j, 0] = strength
+    return model
+
+
+def ids_without_sink(length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 128, (1, length), generator=g)
+    ids[(ids == SINK) | (ids == QUIET)] = NORMAL
+    return ids
+
+
+def sink_cols(cache: SinkCache, layer: int = 0) -> set[int]:
+    return {int(c) for c in cache.layers[layer].sink_col[0].flatten() if int(c) >= 0}
+
+
+def feed(model, cache, ids: torch.Tensor, chunk: int) -> None:
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+
+
+def test_window_attention_with_context_is_one_softmax():
+    """Scoring a forward's keys with older keys as context = scoring all keys in one forward."""
+    torch.manual_seed(1)
+    b, hq, hk, t, m, w, d = 2, 4, 2, 24, 10, 8, 16
+    q = torch.randn(b, hq, w, d)
+    k = torch.randn(b, hk, m + t, d)
+    full, none = window_attention(q, k, 0.25)
+    assert none is None
+    new, old = window_attention(q, k[:, :, m:], 0.25, ctx_k=k[:, :, :m], ctx_ok=torch.ones(b, m, dtype=torch.bool))
+    assert old is not None
+    torch.testing.assert_close(new, full[..., m:])
+    torch.testing.assert_close(old, full[..., :m])
+    # an unusable context entry takes no attention
+    ok = torch.ones(b, m, dtype=torch.bool)
+    ok[1, 3] = False
+    _, old2 = window_attention(q, k[:, :, m:], 0.25, ctx_k=k[:, :, :m], ctx_ok=ok)
+    assert old2 is not None and float(old2[1, :, 3].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [32, 96])
+def test_chunked_prefill_finds_planted_sink_and_nothing_else(chunk):
+    """A planted key is found; ordinary keys are not, also when the prompt arrives in chunks smaller
+    than the recent window (measurements wait until the layer compresses those columns) and in
+    chunks that hold no sink (the first token and known sinks stay in the softmax)."""
+    model = planted_model()
+    ids = ids_without_sink(192)
+    ids[0, 20] = SINK
+    cache = SinkCache(policy="quantize", bits=2, window=64, group_size=16, sinks=AutoSinks(threshold=0.05), model=model)
+    feed(model, cache, ids, chunk)
+    feed(model, cache, ids[:, -1:], 1)  # runs pending compression
+    assert sink_cols(cache) == {0, 20}
+    for h in range(2):
+        assert 20 in cache.layers[0].sink_col[0, h].tolist()
+    cache.detach()
+
+
+@pytest.mark.parametrize(
+    "kw, extra",
+    [
+        # chunk-local scoring (each chunk's softmax alone, no uniform check): every chunk's earliest
+        # keys look like sinks
+        (dict(context=0, bank_size=0, min_ratio=0), {1, 2, 32, 33, 64, 65, 96, 97}),
+        # older keys in the softmax fix later chunks; the prompt's first queries still see few keys
+        (dict(min_ratio=0), {1, 2}),
+        # the uniform-share check alone fixes both here
+        (dict(context=0, bank_size=0), set()),
+    ],
+)
+def test_each_safeguard_matters(kw, extra):
+    model = planted_model()
+    ids = ids_without_sink(192)
+    ids[0, 20] = SINK
+    cache = SinkCache(
+        policy="quantize", bits=2, window=64, group_size=16, sinks=AutoSinks(threshold=0.05, **kw), model=model
+    )
+    feed(model, cache, ids, 32)
+    feed(model, cache, ids[:, -1:], 1)
+    cols = sink_cols(cache)
+    assert {0, 20} <= cols
+    assert extra <= cols
+    if not extra:
+        assert cols == {0, 20}
+    cache.detach()
+
+
+def test_no_sink_found_without_planted_token():
+    model = planted_model()
+    ids = ids_without_sink(160)
+    cache = SinkCache(policy="quantize", bits=2, window=0, group_size=16, sinks=AutoSinks(threshold=0.05), model=model)
+    feed(model, cache, ids, 160)
+    feed(model, cache, ids[:, -1:], 1)
+    assert sink_cols(cache) == {0}
+    cache.detach()
+
+
+@pytest.mark.parametrize("with_candidates", [True, False])
+def test_decoded_candidate_is_confirmed_by_attention(with_candidates):
+    """A generated punctuation token that draws attention becomes a sink; a generated punctuation
+    token that draws none does not; without candidate ids decoded tokens are never sinks."""
+    model = planted_model()
+    prompt = ids_without_sink(64)
+    sel = AutoSinks(threshold=0.05, punct_ids=[SINK, QUIET] if with_candidates else None)
+    cache = SinkCache(policy="quantize", bits=2, window=16, group_size=16, sinks=sel, model=model)
+    feed(model, cache, prompt, 64)
+    decoded = ids_without_sink(48, seed=3)
+    decoded[0, 4] = QUIET  # column 68
+    decoded[0, 10] = SINK  # column 74
+    feed(model, cache, decoded, 1)
+    feed(model, cache, decoded[:, :1], 1)
+    want = {0, 74} if with_candidates else {0}
+    assert sink_cols(cache) == want
+    cache.detach()
+
+
+def test_repeated_columns_forget_old_measurements():
+    """Re-feeding columns (as after a crop) replaces their measurements."""
+    model = planted_model()
+    ids = ids_without_sink(96)
+    ids[0, 40] = SINK
+    sel = AutoSinks(threshold=0.05)
+    sel.max_sinks = 8
+    cache = SinkCache(policy="evict", budget=96, window=32, sinks=sel, model=model)
+    feed(model, cache, ids[:, :64], 64)
+    assert sel.observed[0][1].shape[-1] >= 1
+    st = sel.state[0]
+    sel._truncate(st, 32)
+    assert st.end() <= 32
+    assert all(c < 32 for c in st.ring_col) and all(c < 32 for c in st.bank_col)
+    cache.detach()
+
+
+def test_auto_validates_arguments():
+    with pytest.raises(ValueError, match="threshold"):
+        AutoSinks(threshold=0.0)
+    with pytest.raises(ValueError, match="obs_window"):
+        AutoSinks(obs_window=0)
+    with pytest.raises(ValueError, match="context"):
+        AutoSinks(context=-1)
+    with pytest.raises(ValueError, match="bank_size"):
+        AutoSinks(bank_size=1.5)  # type: ignore[arg-type]
+
+
+def test_make_auto_sinks_without_model_is_first():
+    sel = make_auto_sinks(1, None, None, None)
+    assert sel.name == "auto" and not isinstance(sel, AutoSinks)
+
+
+@pytest.mark.real_model
+def test_auto_on_smollm_marks_few_sinks_and_the_first_token():
+    from sinkcache.calibration import token_chunks
+    from sinkcache.models import load_model
+
+    torch.set_num_threads(1)
+    model, tok = load_model("smollm2-135m", progress=False)
+    ids = torch.tensor([token_chunks(tok, "heldout", 256, n=1)[0]])
+    cache = SinkCache(policy="quantize", bits=2, window=0, sinks="auto", model=model, tokenizer=tok)
+    assert isinstance(cache.sink_selector, AutoSinks) and cache.sink_selector.punct_ids is not None
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+    per_layer = cache.stats()["sinks_per_layer"]
+    assert all(s >= 1.0 for s in per_layer)  # the first token everywhere
+    assert sum(per_layer) / len(per_layer) < 0.25 * 256  # a minority of the tokens
+    cache.detach()
+    # generation with decode-time candidates runs and matches the greedy tokens of a fresh cache run
+    prompt = ids[:, :64]
+    runs = []
+    for _ in range(2):
+        c = SinkCache(policy="quantize", bits=4, window=16, group_size=16, model=model, tokenizer=tok)
+        out = model.generate(prompt, past_key_values=c, max_new_tokens=24, do_sample=False)
+        runs.append(out[0, 64:].tolist())
+        c.detach()
+    assert len(runs[0]) == 24 and runs[0] == runs[1]
