@@ -23,7 +23,7 @@ def main() -> None:
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
-    cache = SinkCache(model=model, tokenizer=tok)  # policy="quantize", bits=4, sinks="auto"
+    cache = SinkCache(model=model, tokenizer=tok)  # policy="quantize", bits=4, sinks="first"
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     stats = cache.stats()

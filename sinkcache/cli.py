@@ -178,8 +178,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--sinks",
         choices=SINK_MODES,
-        default="auto",
-        help="attention-sink tokens kept exact: measured (auto), the first N (first), punctuation (punct) or none",
+        default="first",
+        help="attention-sink tokens kept exact: the first N (first), measured from attention (auto), punctuation (punct) or none",
     )
     g.add_argument(
         "--n-first",
@@ -552,7 +552,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=None, help="tokens held per layer (evict/hybrid)")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept exact (policy default)")
     p.add_argument("--group-size", type=int, default=None, help="quantization group size (policy default 64)")
-    p.add_argument("--sinks", default="auto", choices=["auto", "first", "punct", "none"], help="sink selection")
+    p.add_argument("--sinks", default="first", choices=["auto", "first", "punct", "none"], help="sink selection")
     p.add_argument("--n-first", type=int, default=1, help="leading tokens that are always sinks")
     p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
     p.add_argument("--batch-size", type=int, default=1, help="requests per batch (left-padded)")

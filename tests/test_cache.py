@@ -23,10 +23,12 @@ from sinkcache.layers import EvictingLayer, QuantizedLayer
         (dict(policy="evict", budget=100, window=90, max_sinks=20, sinks="auto"), "budget=100"),
         (dict(sinks="punct"), "needs tokenizer"),
         (dict(n_first=-1, sinks="first"), "n_first=-1"),
-        (dict(max_sinks=-3), "max_sinks=-3"),
+        (dict(max_sinks=-3, sinks="auto"), "max_sinks=-3"),
         (dict(sinks="first", n_first=2, max_sinks=5), "max_sinks=5"),
         (dict(policy="quantize", bits=3), "bits=3"),
-        (dict(policy="hybrid", bits=2, budget=300, window=128, max_sinks=8), "budget=300"),
+        (dict(policy="hybrid", bits=2, budget=300, window=128, max_sinks=8, sinks="auto"), "budget=300"),
+        (dict(max_sinks=4), "sinks='first' keeps exactly n_first=1"),  # the default sinks="first"
+        (dict(profile={"bogus": 1}, sinks="auto"), "cannot be combined with sinks='auto'"),
     ],
 )
 def test_constructor_errors(kwargs, match):

@@ -83,7 +83,7 @@ def test_subcommand_is_required(capsys):
         (["demo", "--prompt-tokens", "5"], "--prompt-tokens"),
         (["demo", "--bits", "1"], "--bits"),
         (["demo", "--group-size", "0"], "--group-size"),
-        (["bench"], "invalid choice"),
+        (["nosuchcommand"], "invalid choice"),
     ],
 )
 def test_usage_errors_are_one_line(argv, needle, capsys, no_model_load):
@@ -144,7 +144,7 @@ def test_missing_model_file_is_a_clean_error(capsys, tmp_path):
 
 def test_cache_kwargs_leave_unset_knobs_out():
     args = cli.build_parser().parse_args(["generate", "m", "p", "--policy", "evict", "--budget", "64"])
-    assert cli._cache_kwargs(args) == {"policy": "evict", "sinks": "auto", "n_first": 1, "budget": 64}
+    assert cli._cache_kwargs(args) == {"policy": "evict", "sinks": "first", "n_first": 1, "budget": 64}
     SinkCache(**cli._cache_kwargs(args))  # the core accepts exactly these
 
 
