@@ -217,7 +217,7 @@ class SinkCacheLM(HFLM):
         budget: int | None = None,
         window: int | None = None,
         group_size: int | None = None,
-        sinks: str = "auto",
+        sinks: str = "first",
         n_first: int = 1,
         max_sinks: int | None = None,
         chunk_size: int = 128,
@@ -235,7 +235,7 @@ class SinkCacheLM(HFLM):
             "budget": _opt_int("budget", budget),
             "window": _opt_int("window", window),
             "group_size": _opt_int("group_size", group_size),
-            "sinks": str(_none(sinks) or "auto"),
+            "sinks": str(_none(sinks) or "first"),  # SinkCache's default
             "n_first": _opt_int("n_first", n_first) if _none(n_first) is not None else 1,
             "max_sinks": _opt_int("max_sinks", max_sinks),
         }
@@ -668,7 +668,7 @@ def run_eval(
     budget: int | None = None,
     window: int | None = None,
     group_size: int | None = None,
-    sinks: str = "auto",
+    sinks: str = "first",
     n_first: int = 1,
     max_sinks: int | None = None,
     limit: int | float | None = None,

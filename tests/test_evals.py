@@ -135,7 +135,7 @@ HARD = {
 ROOMY = {
     "evict": dict(policy="evict", budget=4096, window=0, sinks="first"),
     "quantize": dict(policy="quantize", bits=2, window=4096, group_size=16),
-    "hybrid": dict(policy="hybrid", bits=4, budget=8192, window=4096, group_size=16, max_sinks=4),
+    "hybrid": dict(policy="hybrid", bits=4, budget=8192, window=4096, group_size=16, sinks="auto", max_sinks=4),
 }
 
 
