@@ -48,11 +48,13 @@ SEEN = L + N - 1
 ATOL = 1e-5  # float32 logits: same math, different kernels/shapes
 
 #: Budgets/windows far smaller than L + N: every policy compresses (and hybrid evicts groups).
+#: evict runs with the default sinks ("first"); quantize and hybrid with measured sinks ("auto"),
+#: so every generation mode exercises both selectors (AutoSinks keeps per-row state of its own).
 TIGHT = {
     "evict": dict(policy="evict", budget=8, window=3),
     "evict_shifted": dict(policy="evict", budget=8, window=3, positions="shifted"),
-    "quantize": dict(policy="quantize", bits=2, window=2, group_size=4),
-    "hybrid": dict(policy="hybrid", bits=4, budget=16, window=2, group_size=4),
+    "quantize": dict(policy="quantize", bits=2, window=2, group_size=4, sinks="auto"),
+    "hybrid": dict(policy="hybrid", bits=4, budget=16, window=2, group_size=4, sinks="auto"),
 }
 #: Budgets/windows that hold every token of the tests that use them: nothing is ever compressed.
 ROOMY = {
@@ -279,7 +281,7 @@ def test_auto_sink_observations_follow_batch_ops(tiny, op):
     layers read when tokens leave the window, possibly many steps later. Like every per-row tensor,
     they must follow the rows through the cache's batch ops."""
     m = tiny("llama")
-    c = SinkCache("quantize", bits=2, window=8, group_size=8, model=m)
+    c = SinkCache("quantize", bits=2, window=8, group_size=8, sinks="auto", model=m)
     assert isinstance(c.sink_selector, AutoSinks)
     generate(m, torch.cat([prompt(L, seed=1), prompt(L, seed=2)]), c, 2)
     before = {i: att.clone() for i, (_, att) in c.sink_selector.observed.items()}

@@ -12,8 +12,8 @@ from sinkcache import SinkCache
 POLICIES = [
     dict(policy="full"),
     dict(policy="evict", budget=24, window=8, sinks="first", n_first=2),
-    dict(policy="quantize", bits=2, window=4, group_size=8),
-    dict(policy="hybrid", bits=4, budget=64, window=4, group_size=8, max_sinks=2),
+    dict(policy="quantize", bits=2, window=4, group_size=8, sinks="auto"),
+    dict(policy="hybrid", bits=4, budget=64, window=4, group_size=8, max_sinks=2, sinks="auto"),
 ]
 
 
