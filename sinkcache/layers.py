@@ -208,6 +208,19 @@ class CompressingLayer(CacheLayerMixin):
         pad = self.ctx.pad_counts(batch, cols.device)
         return (cols.view(1, -1) < pad.view(-1, 1)).unsqueeze(1)
 
+    def _crop_count(self, tokens_to_remove: int) -> int:
+        """Validated number of newest tokens ``crop(tokens_to_remove)`` drops (0: nothing to do).
+
+        transformers' assisted decoding passes a negative count ("remove this many")."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return 0
+        if n > self.seen:
+            raise ValueError(f"crop({tokens_to_remove}): only {self.seen} tokens were seen")
+        return n
+
 
 class EvictingLayer(CompressingLayer):
     """Full-precision store of at most ``budget`` tokens per (row, kv-head).
@@ -319,13 +332,9 @@ class EvictingLayer(CompressingLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding); only inside the window."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
-        n = -tokens_to_remove
-        if n == 0 or not self.is_initialized:
+        n = self._crop_count(tokens_to_remove)
+        if n == 0:
             return
-        if n > self.seen:
-            raise ValueError(f"crop({tokens_to_remove}): only {self.seen} tokens were seen")
         # Cropping is exact only if the removed tokens and the window that remains are all still held
         # (true right after a forward, since compression runs one forward late).
         m = min(n + self.policy.window, self.seen)
@@ -573,13 +582,9 @@ class QuantizedLayer(CompressingLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding); only inside the window."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
-        n = -tokens_to_remove
-        if n == 0 or not self.is_initialized:
+        n = self._crop_count(tokens_to_remove)
+        if n == 0:
             return
-        if n > self.seen:
-            raise ValueError(f"crop({tokens_to_remove}): only {self.seen} tokens were seen")
         # Exact only while the removed tokens and the window that remains are unquantized
         # (true right after a forward, since compression runs one forward late).
         if n + min(self.policy.window, self.seen - n) > self.win_k.shape[2]:
