@@ -10,44 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from planted import NORMAL, SINK, planted_model
 
 from sinkcache import SinkCache
 from sinkcache.detect import AutoSinks, make_auto_sinks, window_attention
 
-SINK = 7
-NORMAL = 50
 QUIET = 60  # a "punctuation" id that draws no attention
-HEAD_DIM = 16
-
-
-def planted_model(layers: int = 1, strength: float = 6.0) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=HEAD_DIM, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.config._attn_implementation = "sdpa"
-    j = HEAD_DIM // 2 - 1
-    with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb.normal_(0, 0.3)
-        emb[:, 0] = 0.0
-        emb[:, 1] = 1.0
-        emb[SINK, 0] = 3.0
-        for layer in model.model.layers:
-            att = layer.self_attn
-            att.q_proj.weight.mul_(0.1)
-            att.k_proj.weight.mul_(0.1)
-            att.q_proj.weight[:, :2] = 0.0
-            att.k_proj.weight[:, :2] = 0.0
-            for h in range(cfg.num_attention_heads):
-                att.q_proj.weight[h * HEAD_DIM + j, 1] = strength
-            for g in range(cfg.num_key_value_heads):
-                att.k_proj.weight[g * HEAD_DIM + j, 0] = strength
-    return model
 
 
 def ids_without_sink(length: int, seed: int = 0) -> torch.Tensor:

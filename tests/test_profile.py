@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from planted import NORMAL, SINK, planted_model
 
 from sinkcache import SinkCache
 from sinkcache.calibration import MODULES, SPLITS, documents, split_of, token_chunks
@@ -20,40 +20,6 @@ from sinkcache.profile import (
     save_profile,
     shipped_profile_path,
 )
-
-SINK = 7
-NORMAL = 50
-HEAD_DIM = 16
-
-
-def planted_model(layers: int = 2) -> LlamaForCausalLM:
-    """Tiny Llama whose every query attends to token SINK (see tests/test_analysis.py)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=HEAD_DIM, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.config._attn_implementation = "sdpa"
-    j = HEAD_DIM // 2 - 1
-    with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb.normal_(0, 0.3)
-        emb[:, 0] = 0.0
-        emb[:, 1] = 1.0
-        emb[SINK, 0] = 3.0
-        for layer in model.model.layers:
-            att = layer.self_attn
-            att.q_proj.weight.mul_(0.1)
-            att.k_proj.weight.mul_(0.1)
-            att.q_proj.weight[:, :2] = 0.0
-            att.k_proj.weight[:, :2] = 0.0
-            for h in range(4):
-                att.q_proj.weight[h * HEAD_DIM + j, 1] = 6.0
-            for g in range(2):
-                att.k_proj.weight[g * HEAD_DIM + j, 0] = 6.0
-    return model
 
 
 class FakeTokenizer:
@@ -139,7 +105,7 @@ def test_token_chunks_lengths_and_bos():
 
 @pytest.fixture(scope="module")
 def planted_profile():
-    model = planted_model()
+    model = planted_model(layers=2)
     texts = [sample(96, (5, 40), seed=s) for s in range(3)]
     return build_profile(model, FakeTokenizer(), texts, threshold=0.1, min_count=3, min_rate=0.5, model_name="tiny")
 
@@ -228,7 +194,7 @@ def test_profile_sinks_skip_padding():
 
 
 def test_profile_sinks_in_cache_end_to_end(planted_profile):
-    model = planted_model()
+    model = planted_model(layers=2)
     ids = torch.tensor([sample(96, (30,), seed=9)])
     cache = SinkCache(policy="quantize", bits=2, window=0, group_size=16, sinks=ProfileSinks(planted_profile), model=model)
     with torch.no_grad():
