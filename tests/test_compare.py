@@ -34,13 +34,7 @@ from sinkcache.compare.plan import PPL_TASK, SUITE_TASKS, Cell, parse_list, plan
 from sinkcache.compare.report import write_results
 from sinkcache.compare.runner import interleave, run_sweep
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

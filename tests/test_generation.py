@@ -67,13 +67,7 @@ ALL = {"full": dict(policy="full"), **TIGHT}
 BUDGETED = ("evict", "evict_shifted", "hybrid")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (10-40x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(model, cfg: dict, **extra) -> SinkCache:
