@@ -87,14 +87,14 @@ def default_specs(budget: int = BUDGET, profile: str | None = None) -> list[Cach
     specs = [
         CacheSpec(BASELINE, "DynamicCache (baseline)", "dynamic"),
         CacheSpec("full", "SinkCache full", "sinkcache", dict(policy="full")),
-        CacheSpec("evict", f"evict budget {budget}, sinks auto", "sinkcache", dict(policy="evict", budget=budget)),
+        CacheSpec("evict", f"evict budget {budget}, first-token sink", "sinkcache", dict(policy="evict", budget=budget)),
         CacheSpec("evict-nosink", f"evict budget {budget}, no sinks", "sinkcache", dict(policy="evict", budget=budget, sinks="none")),
-        CacheSpec("int4", "quantize int4, sinks auto", "sinkcache", dict(policy="quantize", bits=4)),
+        CacheSpec("int4", "quantize int4, first-token sink", "sinkcache", dict(policy="quantize", bits=4)),
         CacheSpec("int4-profile", "quantize int4, sinks from profile", "sinkcache", dict(policy="quantize", bits=4, profile=profile)),
         CacheSpec("int4-nosink", "quantize int4, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=4, sinks="none")),
-        CacheSpec("int2", "quantize int2, sinks auto", "sinkcache", dict(policy="quantize", bits=2)),
+        CacheSpec("int2", "quantize int2, first-token sink", "sinkcache", dict(policy="quantize", bits=2)),
         CacheSpec("int2-nosink", "quantize int2, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=2, sinks="none")),
-        CacheSpec("hybrid2", f"hybrid int2 budget {budget}, sinks auto", "sinkcache", dict(policy="hybrid", bits=2, budget=budget)),
+        CacheSpec("hybrid2", f"hybrid int2 budget {budget}, first-token sink", "sinkcache", dict(policy="hybrid", bits=2, budget=budget)),
         CacheSpec("quanto4", "transformers QuantizedCache quanto int4", "quanto", dict(nbits=4)),
         CacheSpec("quanto2", "transformers QuantizedCache quanto int2", "quanto", dict(nbits=2)),
     ]
@@ -176,6 +176,7 @@ class Run:
     rss_delta: int
     tokens: list[int]
     baseline_step_s: list[float] = field(default_factory=list)
+    built: dict = field(default_factory=dict)  # the cache as built (read back from the object)
 
     @property
     def decode_tps(self) -> float:
@@ -219,7 +220,41 @@ def measure(model: Any, spec: CacheSpec, ids: torch.Tensor, decode_tokens: int, 
     steps, toks = _decode(model, cache, first, decode_tokens)
     peak = _peak_rss() if reset else 0
     run = Run(spec.name, ids.shape[1], rep, prefill_s, steps, kv_bytes(cache), peak, max(peak - rss0, 0) if reset else 0, toks)
+    run.built = built_config(cache)
     return run, cache, first
+
+
+def built_config(cache: Any) -> dict:
+    """What ``cache`` is, read back from the object (``SinkCache.describe()``; the class and the
+    quantized layers' settings for transformers' caches)."""
+    if hasattr(cache, "describe"):
+        return dict(cache.describe())
+    out: dict = {"class": type(cache).__name__}
+    layer = next(iter(getattr(cache, "layers", []) or []), None)
+    if layer is not None:
+        out["layer_class"] = type(layer).__name__  # QuantoQuantizedLayer / HQQQuantizedLayer: the backend
+    for name in ("nbits", "q_group_size", "residual_length"):
+        if layer is not None and hasattr(layer, name):
+            out[name] = getattr(layer, name)
+    return out
+
+
+def built_label(cfg: dict) -> str:
+    """A row label made from the built cache, so it cannot disagree with what ran."""
+    if "policy" not in cfg:
+        bits = f" int{cfg['nbits']}" if "nbits" in cfg else ""
+        backend = str(cfg.get("layer_class", "")).lower()
+        name = next((b for b in ("quanto", "hqq") if b in backend), cfg.get("class", "?"))
+        return f"{name}{bits}"
+    parts = [cfg["policy"]]
+    if cfg.get("bits") is not None:
+        parts.append(f"int{cfg['bits']}")
+    if cfg.get("budget") is not None:
+        parts.append(f"budget {cfg['budget']}")
+    if cfg["policy"] != "full":
+        sinks = cfg.get("sinks")
+        parts.append("no sinks" if sinks == "none" else f"sinks {sinks}" + (f" ({cfg['sink_selector']})" if sinks == "auto" else ""))
+    return ", ".join(parts)
 
 
 # ---- the sweep -------------------------------------------------------------------------------
@@ -322,7 +357,8 @@ def summarize(runs: Sequence[Run], specs: Sequence[CacheSpec], dtype_bytes: int)
                 dict(
                     context=ctx,
                     cache=spec.name,
-                    label=labels[spec.name],
+                    label=built_label(rs[0].built) if rs[0].built else labels[spec.name],
+                    built=rs[0].built,
                     reps=len(rs),
                     prefill_s=_med([r.prefill_s for r in rs]),
                     prefill_x=_med([r.prefill_s for r in rs]) / b_prefill,

@@ -41,7 +41,8 @@ class SinkCache(Cache):
             measured sinks at the default window and costs nothing per step (docs/sinks.md:
             held-out perplexity at 2 bits, window 128: first 9.397, auto 9.389; auto decodes
             1.41x slower).
-        n_first: how many leading tokens count as sinks (default 1; StreamingLLM uses 4).
+        n_first: how many leading tokens count as sinks (default 1, or the profile's own
+            ``n_first`` with ``profile=``; StreamingLLM uses 4).
         max_sinks: cap on sinks per (row, kv-head, layer); default ``n_first`` for ``"first"``,
             16 for ``"punct"``/``"auto"`` under eviction, unlimited for pure quantization.
         model: the model; lets the cache read layer types (sliding layers stay uncompressed),
@@ -66,7 +67,7 @@ class SinkCache(Cache):
         group_size: int | None = None,
         positions: str | None = None,
         sinks: str | SinkSelector | None = None,
-        n_first: int = 1,
+        n_first: int | None = None,
         max_sinks: int | None = None,
         model: Any = None,
         tokenizer: Any = None,
@@ -81,8 +82,11 @@ class SinkCache(Cache):
                 raise ValueError(f"profile= selects sinks by token id; it cannot be combined with sinks={sinks!r}")
             from .profile import ProfileSinks
 
-            cap = max_sinks if max_sinks is not None else _default_cap(self.policy, n_first)
-            self.sink_selector: SinkSelector = ProfileSinks(profile, n_first=n_first, max_sinks=cap)
+            # n_first=None: the profile's own n_first (it was measured with it).
+            sel = ProfileSinks(profile, n_first=n_first, max_sinks=max_sinks)
+            if max_sinks is None:
+                sel.max_sinks = _default_cap(self.policy, sel.n_first)
+            self.sink_selector: SinkSelector = sel
         else:
             sinks = "first" if sinks is None else sinks
             self.sink_selector = _make_sinks(self.policy, sinks, n_first, max_sinks, model, tokenizer)
@@ -240,8 +244,35 @@ class SinkCache(Cache):
                 total += _layer_bytes(layer)
         return total
 
+    def describe(self) -> dict[str, Any]:
+        """The configuration this cache was really built with, read back from its parts.
+
+        ``{"policy": name, "policy_class", <every policy field: bits, window, group_size, budget,
+        positions>, "sinks": selector name, "sink_selector": class, "n_first", "max_sinks",
+        "sink_threshold" (measured sinks only), "layers", "sliding_layers"}``. Results record
+        this, not the options that were asked for, so a label can never outlive its meaning.
+        """
+        import dataclasses
+
+        p, sel = self.policy, self.sink_selector
+        out: dict[str, Any] = {"policy": p.name, "policy_class": type(p).__name__}
+        for f in ("bits", "window", "group_size", "budget", "positions"):
+            out[f] = getattr(p, f, None)
+        if dataclasses.is_dataclass(p):
+            out.update({f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
+        out.update(
+            sinks=sel.name,
+            sink_selector=type(sel).__name__,
+            n_first=sel.n_first,
+            max_sinks=sel.max_sinks,
+            sink_threshold=getattr(sel, "threshold", None),
+            layers=len(self.layers),
+            sliding_layers=sum(bool(getattr(layer, "is_sliding", False)) for layer in self.layers),
+        )
+        return out
+
     def stats(self) -> dict[str, Any]:
-        """Tokens seen/held, sinks per layer, bytes and compression ratio."""
+        """Tokens seen/held, sinks per layer, bytes and compression ratio, and :meth:`describe`."""
         self.compress()
         full = self._full_layers()
         held = [layer.held() if isinstance(layer, CompressingLayer) else layer.get_seq_length() for layer in full]
@@ -260,6 +291,7 @@ class SinkCache(Cache):
             "memory_bytes": mem,
             "dense_bytes": dense,
             "compression_ratio": (dense / mem) if mem else 1.0,
+            "config": self.describe(),
         }
 
     def __repr__(self) -> str:
@@ -295,15 +327,24 @@ def _layer_types(config) -> list[tuple[str, dict]]:
     return out
 
 
-def _make_sinks(policy: Policy, sinks, n_first: int, max_sinks: int | None, model, tokenizer) -> SinkSelector:
+def _make_sinks(policy: Policy, sinks, n_first: int | None, max_sinks: int | None, model, tokenizer) -> SinkSelector:
     if isinstance(sinks, SinkSelector):
+        if n_first is not None or max_sinks is not None:
+            raise ValueError("pass n_first/max_sinks to the SinkSelector object, not alongside it")
         return sinks
     if sinks not in SINK_MODES:
         raise ValueError(f"sinks={sinks!r} is unknown; allowed: {', '.join(SINK_MODES)}")
     if max_sinks is not None and (isinstance(max_sinks, bool) or not isinstance(max_sinks, int) or max_sinks < 0):
         raise ValueError(f"max_sinks={max_sinks!r} must be None or an integer >= 0")
     if sinks == "none":
+        # Asking for sinks while turning them off is a contradiction, not a default to ignore.
+        if n_first not in (None, 0) or max_sinks not in (None, 0):
+            raise ValueError(
+                f"sinks='none' keeps no sinks; n_first={n_first!r}, max_sinks={max_sinks!r} do not apply "
+                "(leave them unset, or choose sinks='first')"
+            )
         return NoSinks()
+    n_first = 1 if n_first is None else n_first
     if sinks == "first":
         if max_sinks is not None and max_sinks != n_first:
             raise ValueError(f"sinks='first' keeps exactly n_first={n_first} sinks; max_sinks={max_sinks} does not apply")

@@ -183,10 +183,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--n-first",
-        type=_positive_int,
-        default=1,
+        type=_non_negative_int,
+        default=None,
         metavar="N",
-        help="leading tokens that always count as sinks",
+        help="leading tokens that always count as sinks (default: 1; not with --sinks none)",
     )
     d = p.add_argument_group("decoding")
     d.add_argument(
@@ -219,8 +219,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _cache_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SinkCache knobs from the options; unset ones are left out (the policy's defaults apply,
     and SinkCache rejects knobs a policy does not use, e.g. --bits with evict)."""
-    kw: dict[str, Any] = {"policy": args.policy, "sinks": args.sinks, "n_first": args.n_first}
-    for name in ("bits", "budget", "window", "group_size"):
+    kw: dict[str, Any] = {"policy": args.policy, "sinks": args.sinks}
+    for name in ("n_first", "bits", "budget", "window", "group_size"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
@@ -553,7 +553,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=None, help="recent tokens kept exact (policy default)")
     p.add_argument("--group-size", type=int, default=None, help="quantization group size (policy default 64)")
     p.add_argument("--sinks", default="first", choices=["auto", "first", "punct", "none"], help="sink selection")
-    p.add_argument("--n-first", type=int, default=1, help="leading tokens that are always sinks")
+    p.add_argument("--n-first", type=_non_negative_int, default=None, help="leading tokens that are always sinks (default: 1; not with --sinks none)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
     p.add_argument("--batch-size", type=int, default=1, help="requests per batch (left-padded)")
     p.add_argument("--output", default=None, help="write the JSON report here")

@@ -69,7 +69,9 @@ __all__ = [
 ]
 
 #: Model arguments that configure the cache (everything else goes to ``HFLM``).
-CACHE_ARG_NAMES = ("policy", "bits", "budget", "window", "group_size", "sinks", "n_first", "max_sinks")
+CACHE_ARG_NAMES = (
+    "policy", "bits", "budget", "window", "group_size", "sinks", "n_first", "max_sinks", "positions", "profile",
+)
 
 #: Environment variable naming the offline task folder (default: ``evals/tasks`` of this checkout).
 TASKS_ENV = "SINKCACHE_EVAL_TASKS"
@@ -136,6 +138,124 @@ def _opt_int(name: str, value: Any) -> int | None:
     return as_int
 
 
+def cache_options(
+    *,
+    policy: Any = "full",
+    bits: Any = None,
+    budget: Any = None,
+    window: Any = None,
+    group_size: Any = None,
+    sinks: Any = "first",
+    n_first: Any = None,
+    max_sinks: Any = None,
+    positions: Any = None,
+    profile: Any = None,
+) -> dict[str, Any]:
+    """Translate lm-eval model arguments (strings, or what lm-eval's parser made of them) into
+    ``SinkCache`` keyword arguments, raising on anything that would not mean what it says.
+
+    * ``sinks``: lm-eval parses ``sinks=none`` into ``None``, so ``None`` (and ``""``) mean
+      ``"none"``; every other value must be one of :data:`~sinkcache.sinks.SINK_MODES`.
+    * ``n_first`` / ``max_sinks`` / ``bits`` / ...: ``None`` keeps the cache's own default; ``0``
+      is ``0``.
+    * ``policy``: a name; ``None`` is an error (there is no "no policy").
+    """
+    from .sinks import SINK_MODES
+
+    if policy is None or (isinstance(policy, str) and not policy.strip()):
+        raise ValueError(f"policy={policy!r}: pass one of full, evict, quantize, hybrid")
+    if isinstance(sinks, str):
+        sinks = sinks.strip().lower() or "none"
+    sinks = "none" if sinks is None else sinks
+    if sinks not in SINK_MODES and sinks != "profile":
+        raise ValueError(f"sinks={sinks!r} is unknown; allowed: {', '.join(SINK_MODES)} (or profile=PATH)")
+    profile = _none(profile)
+    if profile is not None:
+        if sinks not in ("first", "profile"):  # "first" is the default, i.e. not given
+            raise ValueError(f"profile= selects sinks by token id; it cannot be combined with sinks={sinks!r}")
+        sinks = "profile"
+    elif sinks == "profile":
+        raise ValueError("sinks=profile needs profile=PATH (or a built-in model name)")
+    pos = _none(positions)
+    return {
+        "policy": str(policy).strip(),
+        "bits": _opt_int("bits", bits),
+        "budget": _opt_int("budget", budget),
+        "window": _opt_int("window", window),
+        "group_size": _opt_int("group_size", group_size),
+        "sinks": sinks,
+        "n_first": _opt_int("n_first", n_first),
+        "max_sinks": _opt_int("max_sinks", max_sinks),
+        "positions": None if pos is None else str(pos),
+        "profile": profile,
+    }
+
+
+def _check_cache_kwargs(kw: dict[str, Any]) -> None:
+    """Build the cache without a model: runs every argument check that needs no model.
+    ``"punct"`` needs the tokenizer, so it is probed as ``"auto"`` (same cap and budget checks)."""
+    probe = dict(kw)
+    if probe["policy"] == "full":
+        probe["sinks"] = "none"  # what a full cache is built with (sinks cannot matter)
+        if probe.get("profile") is not None:
+            probe["profile"] = None
+    if probe.get("sinks") == "punct":
+        probe["sinks"] = "auto"
+    if probe.get("positions") == "shifted":
+        # Re-rotation needs the model's RoPE; the value itself is checked by make_policy here.
+        make_policy(probe["policy"], **{k: probe.get(k) for k in ("bits", "budget", "window", "group_size", "positions")})
+        probe["positions"] = None
+    SinkCache(**probe).detach()
+
+
+def _hflm_arg_names() -> set[str]:
+    import inspect
+
+    return {n for n, p in inspect.signature(HFLM.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
+
+
+#: Our own (non-cache) model arguments.
+_OWN_ARG_NAMES = ("pretrained", "chunk_size", "dtype", "attn_implementation", "device", "tokenizer", "batch_size", "max_batch_size")
+
+
+def _check_hflm_kwargs(kwargs: dict[str, Any]) -> None:
+    """``HFLM`` swallows unknown keyword arguments; a typo (``bit=2``) must not run another cache."""
+    allowed = _hflm_arg_names()
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        import difflib
+
+        names = sorted(set(CACHE_ARG_NAMES) | set(_OWN_ARG_NAMES) | allowed)
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, names, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"model '{SinkCacheLM._name()}' got unknown argument(s) {', '.join(hints)}; cache arguments: "
+            f"{', '.join(CACHE_ARG_NAMES)}; other arguments: {', '.join(n for n in names if n not in CACHE_ARG_NAMES)}"
+        )
+
+
+def merge_configs(configs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record for many built-cache descriptions: a field's value when they all agree, else
+    ``{"min", "max", "mean"}`` for numbers or the sorted distinct values for anything else."""
+    if not configs:
+        return {}
+    out: dict[str, Any] = {}
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    for k in keys:
+        vals = [c.get(k) for c in configs]
+        distinct = {json.dumps(v, sort_keys=True, default=str) for v in vals}
+        if len(distinct) == 1:
+            out[k] = vals[0]
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            nums: list[int | float] = [v for v in vals if isinstance(v, (int, float))]
+            out[k] = {"min": min(nums), "max": max(nums), "mean": sum(nums) / len(nums), "n": len(nums)}
+        else:
+            out[k] = sorted(distinct)
+    return out
+
+
 def _resolve_device(device: str | None) -> str:
     if device is None or str(device).strip().lower() in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,12 +271,23 @@ class _KVLog:
 
     def __init__(self) -> None:
         self.records: list[tuple[str, str, float, float]] = []  # (task, request type, memory, dense)
+        self.configs: list[dict[str, Any]] = []  # each request's built cache (see SinkCache.describe)
+        # streaming perplexity: (task, mean bytes attended per scored token, same for a full cache, peak)
+        self.attended: list[tuple[str, float, float, float]] = []
 
     def add(self, task: str, kind: str, memory: float, dense: float, n: int = 1) -> None:
         self.records.extend([(task, kind, float(memory), float(dense))] * n)
 
+    def built(self, config: dict[str, Any]) -> None:
+        self.configs.append(config)
+
+    def add_attended(self, task: str, mean_memory: float, mean_dense: float, peak: float) -> None:
+        self.attended.append((task, float(mean_memory), float(mean_dense), float(peak)))
+
     def reset(self) -> None:
         self.records.clear()
+        self.configs.clear()
+        self.attended.clear()
 
     @staticmethod
     def _summary(records: Sequence[tuple[str, str, float, float]]) -> dict[str, Any]:
@@ -177,6 +308,20 @@ class _KVLog:
         for r in self.records:
             per_task[r[0]].append(r)
         out["per_task"] = {t: self._summary(rs) for t, rs in sorted(per_task.items())}
+        att: dict[str, list] = defaultdict(list)
+        for a in self.attended:
+            att[a[0]].append(a)
+        for t, rs in att.items():
+            mem = sum(r[1] for r in rs) / len(rs)
+            dense = sum(r[2] for r in rs) / len(rs)
+            # What attention really used while scoring (the final state alone understates it: a
+            # token scored early in a chunk attends a less compressed past than the last one).
+            out["per_task"].setdefault(t, {}).update(
+                attended_mean_bytes=mem,
+                attended_dense_bytes=dense,
+                attended_ratio_vs_full=(mem / dense) if dense else 1.0,
+                attended_peak_bytes=max(r[3] for r in rs),
+            )
         return out
 
 
@@ -191,9 +336,11 @@ class SinkCacheLM(HFLM):
         pretrained: a sinkcache alias (``smollm2-135m``), a GGUF file, a local checkpoint dir or a
             Hub id (all resolved by :func:`sinkcache.models.load_model`), or a loaded model object
             (then pass ``tokenizer=`` too).
-        policy, bits, budget, window, group_size, sinks, n_first, max_sinks: the cache
-            (see :class:`~sinkcache.SinkCache`). ``policy="full"`` keeps everything and is the
-            reference.
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, profile:
+            the cache (see :class:`~sinkcache.SinkCache`). ``policy="full"`` keeps everything and
+            is the reference (built with ``sinks="none"``: nothing is compressed, so no sink can
+            matter). ``sinks=None`` means ``"none"``: lm-eval turns the model argument
+            ``sinks=none`` into ``None`` before it reaches this class.
         chunk_size: tokens per forward when streaming text for perplexity
             (``loglikelihood_rolling``).
         dtype, attn_implementation: passed to ``load_model``.
@@ -202,7 +349,8 @@ class SinkCacheLM(HFLM):
         tokenizer: a tokenizer object or path (default: the model's).
         batch_size: requests per forward (an int; ``auto`` means 1). On CPU, 1 is fastest.
         **kwargs: other ``HFLM`` arguments (``max_length``, ``add_bos_token``, ``prefix_token_id``,
-            ``think_end_token``, ...).
+            ``think_end_token``, ...). A name that is neither raises ``ValueError`` listing the
+            allowed names (``HFLM`` would silently ignore it: ``bit=2`` would run 4-bit).
 
     After a run, :attr:`kv_memory` holds the mean bytes per request that the caches held and what
     a full cache would have held (also reported in lm-eval's results under ``config.sinkcache``).
@@ -217,9 +365,11 @@ class SinkCacheLM(HFLM):
         budget: int | None = None,
         window: int | None = None,
         group_size: int | None = None,
-        sinks: str = "first",
-        n_first: int = 1,
+        sinks: str | None = "first",
+        n_first: int | None = None,
         max_sinks: int | None = None,
+        positions: str | None = None,
+        profile: Any = None,
         chunk_size: int = 128,
         dtype: str | torch.dtype = "float32",
         attn_implementation: str | None = None,
@@ -229,24 +379,12 @@ class SinkCacheLM(HFLM):
         max_batch_size: int | None = 64,
         **kwargs: Any,
     ) -> None:
-        cache_kwargs: dict[str, Any] = {
-            "policy": str(_none(policy) or "full"),
-            "bits": _opt_int("bits", bits),
-            "budget": _opt_int("budget", budget),
-            "window": _opt_int("window", window),
-            "group_size": _opt_int("group_size", group_size),
-            "sinks": str(_none(sinks) or "first"),  # SinkCache's default
-            "n_first": _opt_int("n_first", n_first) if _none(n_first) is not None else 1,
-            "max_sinks": _opt_int("max_sinks", max_sinks),
-        }
-        # Fail on bad policy knobs before loading anything; the full cache is checked once loaded.
-        make_policy(
-            cache_kwargs["policy"],
-            bits=cache_kwargs["bits"],
-            budget=cache_kwargs["budget"],
-            window=cache_kwargs["window"],
-            group_size=cache_kwargs["group_size"],
+        cache_kwargs = cache_options(
+            policy=policy, bits=bits, budget=budget, window=window, group_size=group_size, sinks=sinks,
+            n_first=n_first, max_sinks=max_sinks, positions=positions, profile=profile,
         )
+        _check_hflm_kwargs(kwargs)
+        _check_cache_kwargs(cache_kwargs)  # bad knobs fail before the (slow) model load
         chunk = _opt_int("chunk_size", chunk_size)
         if chunk is None or chunk < 1:
             raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
@@ -311,7 +449,9 @@ class SinkCacheLM(HFLM):
             self._device = accelerator.device
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
-        self.make_cache().detach()  # validate sinks/max_sinks/budget against this model and tokenizer
+        probe = self.make_cache()  # validate sinks/max_sinks/budget against this model and tokenizer
+        self._validated = self.describe_cache(probe)
+        probe.detach()
 
     @staticmethod
     def _name() -> str:
@@ -335,18 +475,35 @@ class SinkCacheLM(HFLM):
 
     def make_policy(self):
         kw = self.cache_kwargs
-        return make_policy(kw["policy"], bits=kw["bits"], budget=kw["budget"], window=kw["window"], group_size=kw["group_size"])
+        return make_policy(
+            kw["policy"], bits=kw["bits"], budget=kw["budget"], window=kw["window"], group_size=kw["group_size"],
+            positions=kw["positions"],
+        )
 
-    def _record(self, cache: SinkCache, rows: int, kind: str) -> None:
+    def _record(self, cache: Any, rows: int, kind: str) -> None:
         mem = cache.memory_bytes()  # runs pending compression first
         dense = cache.dense_bytes()
         self.kv_log.add(self._task, kind, mem / rows, dense / rows, n=rows)
+        self.kv_log.built(self.describe_cache(cache))
+
+    def describe_cache(self, cache: Any) -> dict[str, Any]:
+        """What a request's cache really was (read back from the object; see ``SinkCache.describe``)."""
+        return cache.describe()
+
+    @property
+    def built_cache(self) -> dict[str, Any]:
+        """The caches this model really built: one value per field when every request agreed,
+        ``{"min", "max", "mean"}`` (numbers) or a sorted list (others) where they differed (e.g.
+        a per-request budget). Before any request: the cache built at construction."""
+        return merge_configs(self.kv_log.configs or [self._validated])
 
     @property
     def kv_memory(self) -> dict[str, Any]:
-        """Mean KV bytes per request held by the caches and by a full cache, overall and per task."""
+        """Mean KV bytes per request held by the caches and by a full cache, overall and per task,
+        with the cache really built (``cache``) and the options asked for (``cache_requested``)."""
         out = self.kv_log.summary()
-        out["cache"] = dict(self.cache_kwargs)
+        out["cache"] = self.built_cache
+        out["cache_requested"] = dict(self.cache_kwargs)
         return out
 
     @contextlib.contextmanager
@@ -526,18 +683,28 @@ class SinkCacheLM(HFLM):
             return 0.0
         cache = self.make_cache()
         total = 0.0
+        att_mem = att_dense = peak = 0.0
         try:
             inputs, targets = seq[:-1], seq[1:]
             for start in range(0, len(inputs), chunk):
                 ids = torch.tensor([inputs[start : start + chunk]], dtype=torch.long, device=self.device)
                 tgt = torch.tensor(targets[start : start + chunk], dtype=torch.long, device=self.device)
                 pos = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
+                past_mem, past_dense = cache.memory_bytes(), cache.dense_bytes()  # compressed already
                 with self._forward_ctx():
                     logits = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
                 logp = F.log_softmax(logits[0].to(self.softmax_dtype or torch.float32), dim=-1)
                 total += float(logp.gather(-1, tgt.unsqueeze(-1)).sum())
+                # The j-th token of the chunk attends the compressed past plus j+1 exact chunk tokens.
+                c = int(ids.shape[1])
+                per_tok = (cache.dense_bytes() - past_dense) / c
+                att_mem += c * past_mem + per_tok * c * (c + 1) / 2
+                att_dense += c * past_dense + per_tok * c * (c + 1) / 2
+                peak = max(peak, past_mem + per_tok * c)
                 cache.compress()
             self._record(cache, 1, "loglikelihood_rolling")
+            n = len(inputs)
+            self.kv_log.add_attended(self._task, att_mem / n, att_dense / n, peak)
         finally:
             cache.detach()
         return total
@@ -668,9 +835,11 @@ def run_eval(
     budget: int | None = None,
     window: int | None = None,
     group_size: int | None = None,
-    sinks: str = "first",
-    n_first: int = 1,
+    sinks: str | None = "first",
+    n_first: int | None = None,
     max_sinks: int | None = None,
+    positions: str | None = None,
+    profile: Any = None,
     limit: int | float | None = None,
     output: str | Path | None = None,
     batch_size: int = 1,
@@ -695,7 +864,8 @@ def run_eval(
         tasks: task or group names, e.g. ``["sinkcache_suite"]`` (the offline suite) or Hub tasks
             such as ``["gsm8k", "arc_challenge"]`` (those need Hub access). A comma-separated string
             works too.
-        policy, bits, budget, window, group_size, sinks, n_first, max_sinks: the cache.
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, profile:
+            the cache (as for :class:`SinkCacheLM`; ``sinks="none"`` means no sinks).
         limit: documents per task (an int) or a fraction (< 1); ``None`` = all.
         output: write the report here as JSON (parent folders are created).
         batch_size: requests per forward (1 is fastest on CPU).
@@ -746,6 +916,8 @@ def run_eval(
         "sinks": sinks,
         "n_first": n_first,
         "max_sinks": max_sinks,
+        "positions": positions,
+        "profile": profile,
     }
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
@@ -792,7 +964,8 @@ def run_eval(
         "config": {
             "model": model_name,
             "tasks": task_list,
-            "cache": dict(lm.cache_kwargs),
+            "cache": memory.get("cache", lm.built_cache),  # read back from the caches that ran
+            "cache_requested": dict(lm.cache_kwargs),
             "limit": limit,
             "batch_size": batch_size,
             "device": str(lm.device),
@@ -807,7 +980,7 @@ def run_eval(
         },
         "versions": _versions(),
         "scores": _scores(results),
-        "memory": {k: v for k, v in memory.items() if k != "cache"},
+        "memory": {k: v for k, v in memory.items() if k not in ("cache", "cache_requested")},
         "time_s": {"load": round(t_load, 2), "eval": round(elapsed, 2)},
         "n_samples": results.get("n-samples", {}),
         "lm_eval": {
@@ -846,7 +1019,7 @@ def format_report(result: dict[str, Any]) -> str:
         parts.append(make_table(raw, "groups"))
     cfg = result.get("config", {})
     cache = cfg.get("cache", {})
-    desc = ", ".join(f"{k}={v}" for k, v in cache.items() if v is not None)
+    desc = describe_short(cache)
     mem = result.get("memory") or {}
     if mem.get("requests"):
         parts.append(
@@ -854,10 +1027,32 @@ def format_report(result: dict[str, Any]) -> str:
             f"{_fmt_bytes(mem['mean_dense_bytes'])} full cache = {100 * mem['ratio_vs_full']:.1f}% "
             f"({mem['compression']:.2f}x smaller), mean over {mem['requests']} requests"
         )
+        for task, m in (mem.get("per_task") or {}).items():
+            # Streaming perplexity: the cache shrinks only at each compress(), so what a scored
+            # token attends over is more than the end-of-document size above.
+            if m.get("attended_ratio_vs_full") is not None:
+                parts.append(
+                    f"  {task}: a scored token attends {_fmt_bytes(m['attended_mean_bytes'])} of KV on average "
+                    f"= {100 * m['attended_ratio_vs_full']:.1f}% of full (peak {_fmt_bytes(m['attended_peak_bytes'])})"
+                )
     t = result.get("time_s") or {}
     if t:
         parts.append(f"time: load {t.get('load', 0):.1f} s, eval {t.get('eval', 0):.1f} s")
     return "\n".join(parts)
+
+
+def describe_short(cache: dict[str, Any]) -> str:
+    """``policy=evict, budget=64, window=16, positions=true, sinks=first, n_first=1`` for a built
+    cache record (:meth:`SinkCache.describe`; fields that vary per request show their range)."""
+    skip = ("policy_class", "sink_selector", "layers", "sliding_layers", "profile")
+    parts = []
+    for k, v in cache.items():
+        if k in skip or v is None:
+            continue
+        if isinstance(v, dict) and {"min", "max"} <= set(v):
+            v = f"{v['min']}..{v['max']}"
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
 
 
 def print_report(result: dict[str, Any], file=None) -> None:

@@ -144,7 +144,9 @@ def test_missing_model_file_is_a_clean_error(capsys, tmp_path):
 
 def test_cache_kwargs_leave_unset_knobs_out():
     args = cli.build_parser().parse_args(["generate", "m", "p", "--policy", "evict", "--budget", "64"])
-    assert cli._cache_kwargs(args) == {"policy": "evict", "sinks": "first", "n_first": 1, "budget": 64}
+    assert cli._cache_kwargs(args) == {"policy": "evict", "sinks": "first", "budget": 64}
+    args = cli.build_parser().parse_args(["generate", "m", "p", "--sinks", "none", "--n-first", "0"])
+    assert cli._cache_kwargs(args)["n_first"] == 0  # an explicit 0 is kept, not read as unset
     SinkCache(**cli._cache_kwargs(args))  # the core accepts exactly these
 
 

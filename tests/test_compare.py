@@ -142,6 +142,20 @@ def test_fraction_lm_holds_the_fraction_of_each_request(model, tok, frac, sinks)
         mem = lm.kv_memory
         # measured after scoring the continuation (a few tokens more than the budget's context)
         assert mem["ratio_vs_full"] == pytest.approx(frac, abs=0.03)
+    built = lm.kv_memory["cache"]
+    assert built["sink_selector"] == {"auto": "AutoSinks", "none": "NoSinks"}[sinks]
+
+
+def test_fraction_lm_no_sinks_differs_from_auto(model, tok):
+    """``recent-evict``'s baseline once ran with a sink: its scores must differ from sink-aware ones."""
+    kw = dict(pretrained=model, tokenizer=tok, device="cpu", policy="evict", budget_frac=0.25)
+    none = FractionLM(sinks="none", **kw)
+    auto = FractionLM(sinks="auto", **kw)
+    a = torch.tensor([s for s, _ in none.loglikelihood(_ll(400), disable_tqdm=True)])
+    b = torch.tensor([s for s, _ in auto.loglikelihood(_ll(400), disable_tqdm=True)])
+    assert (a - b).abs().max() > 1e-3
+    assert none.kv_memory["cache"]["sink_selector"] == "NoSinks"
+    assert auto.kv_memory["cache"]["sink_selector"] != "NoSinks"
 
 
 def test_fraction_lm_budget_one_equals_full(model, tok):
@@ -182,7 +196,13 @@ def test_quantized_peer_lm_scores_like_a_lossy_full_cache(model, tok):
     assert not torch.equal(a, b)  # quantized context
     assert torch.allclose(a, b, rtol=0.2, atol=2.0)
     assert 0.1 < q4.kv_memory["ratio_vs_full"] < 0.3
-    assert q4.generate_until(_gen(80), disable_tqdm=True)[0] is not None
+    # Generation runs against the quantized cache: text of the requested length, and int4 keeps
+    # greedy decoding on the tiny model close enough to full that at least the first token agrees.
+    g_full = full.generate_until(_gen(80), disable_tqdm=True)[0]
+    g_q4 = q4.generate_until(_gen(80), disable_tqdm=True)[0]
+    assert isinstance(g_q4, str) and 0 < len(g_q4) <= 6
+    assert g_q4[:1] == g_full[:1]
+    assert q4.kv_memory["per_task"]["t"]["requests"] == 1 + 2
 
 
 # ------------------------------------------------------------------------------------ kvpress peer
@@ -190,10 +210,12 @@ def test_quantized_peer_lm_scores_like_a_lossy_full_cache(model, tok):
 
 FAKE_WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     print(json.dumps({"ready": True, "versions": {"kvpress": "fake"}}), flush=True)
+    seen = open(os.environ["FAKE_WORKER_LOG"], "w")
     for line in sys.stdin:
         req = json.loads(line)
+        seen.write(line); seen.flush()
         if req["op"] == "exit":
             print(json.dumps({"peak_rss_bytes": 123}), flush=True); break
         n = len(req["ctx"])
@@ -201,7 +223,6 @@ FAKE_WORKER = textwrap.dedent(
             out = {"results": [[-float(len(t)), True] for t in req["targets"]],
                    "memory": [n] * len(req["conts"]), "dense": [2 * n] * len(req["conts"])}
         else:
-            assert req["last"] not in req["ctx"][-1:] or True
             out = {"tokens": [req["stop_ids"][0]], "memory": [n], "dense": [4 * n], "echo_max_new": req["max_new"]}
         print(json.dumps(out), flush=True)
     """
@@ -213,12 +234,24 @@ def test_kvpress_lm_protocol_with_a_fake_worker(model, tok, tmp_path, monkeypatc
     script.write_text(FAKE_WORKER)
     monkeypatch.setenv("SINKCACHE_KVPRESS_PYTHON", sys.executable)
     monkeypatch.setattr(lms_mod, "worker_script", lambda: script)
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_WORKER_LOG", str(log))
     lm = KVPressLM(pretrained=model, tokenizer=tok, device="cpu", press="knorm", ratio=0.5, checkpoint=str(tmp_path))
     try:
         res = lm.loglikelihood(_ll(100), disable_tqdm=True)
         assert [r[0] for r in res] == [-4.0, -3.0]  # " abc" and " de" as byte tokens
-        gen = lm.generate_until(_gen(60), disable_tqdm=True)
+        gen_req = _gen(60)
+        gen = lm.generate_until(gen_req, disable_tqdm=True)
         assert gen == [""]  # the worker answered EOS at once
+        score, generate = [json.loads(line) for line in log.read_text().splitlines()]
+        # The worker sees the main environment's token ids: the context minus its last token is
+        # prefilled (compressed), the last one is fed as the first decode step.
+        ll_ctx = tok(_ll(100)[0].args[0], add_special_tokens=False)["input_ids"]
+        assert score["op"] == "score" and score["ctx"] + [score["conts"][0][0]] == ll_ctx
+        assert score["targets"] == [tok(c, add_special_tokens=False)["input_ids"] for c in (" abc", " de")]
+        gen_ctx = tok(gen_req[0].args[0], add_special_tokens=False)["input_ids"]
+        assert generate["ctx"] + [generate["last"]] == gen_ctx
+        assert generate["max_new"] == 6 and generate["stop_ids"]
         mem = lm.kv_memory
         assert mem["requests"] == 3
         assert mem["per_task"]["t"]["mean_memory_bytes"] > 0

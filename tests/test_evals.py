@@ -182,6 +182,20 @@ def test_hard_compression_changes_scores(model, tok, name):
     mem = lm.kv_memory
     assert mem["requests"] == len(reqs)
     assert mem["mean_memory_bytes"] < 0.5 * mem["mean_dense_bytes"]
+    want = {"none": "NoSinks", "first": "FirstSinks"}[HARD[name]["sinks"]]
+    assert lm.built_cache["sink_selector"] == want  # the selector that ran, read back from the cache
+
+
+def test_no_sinks_is_not_first_token_sinks(model, tok):
+    """The bug this pins: sinks="none" ran with a first-token sink, so both gave the same scores."""
+    reqs = _ll_requests()
+    none = _lm(model, tok, **HARD["quantize"])
+    first = _lm(model, tok, **{**HARD["quantize"], "sinks": "first"})
+    a, b = _scores(none, reqs), _scores(first, reqs)
+    assert (a - b).abs().max() > 1e-3
+    assert (none.built_cache["sink_selector"], first.built_cache["sink_selector"]) == ("NoSinks", "FirstSinks")
+    # one exact token per layer costs bytes: the two caches are not the same size either
+    assert none.kv_memory["mean_memory_bytes"] < first.kv_memory["mean_memory_bytes"]
 
 
 @pytest.mark.parametrize("name", sorted(ROOMY))
@@ -297,6 +311,20 @@ def test_streaming_perplexity(model, tok):
     assert lm.kv_memory["ratio_vs_full"] < 0.5
 
 
+def test_streaming_perplexity_reports_what_scored_tokens_attend(model, tok):
+    reqs = _roll_requests()
+    full = _lm(model, tok, chunk_size=32, policy="full")
+    full.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert full.kv_memory["per_task"]["t"]["attended_ratio_vs_full"] == pytest.approx(1.0)
+    lm = _lm(model, tok, chunk_size=32, **HARD["evict"])
+    lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+    m = lm.kv_memory["per_task"]["t"]
+    # a chunk's own 32 exact tokens plus the 16 held: a scored token sees more than the budget,
+    # far less than the full context
+    assert m["ratio_vs_full"] < m["attended_ratio_vs_full"] < 0.5
+    assert m["attended_peak_bytes"] >= m["attended_mean_bytes"]
+
+
 # --------------------------------------------------------------------------------------- data + tasks
 
 
@@ -391,7 +419,11 @@ def test_run_eval_and_cli_with_a_local_checkpoint(model, tok, tmp_path, capsys):
     argv += ["--window", "16", "--sinks", "first", "--limit", "1", "--threads", "1", "--output", str(out2)]
     assert sinkcache_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "sinkcache_kv_retrieval" in printed and "KV memory (policy=evict, budget=64" in printed
+    assert "sinkcache_kv_retrieval" in printed and "KV memory (policy=evict, " in printed
+    assert "budget=64" in printed and "sinks=first" in printed and "n_first=1" in printed
+    built = json.loads(out2.read_text())["config"]["cache"]  # read back from the built cache
+    assert (built["policy_class"], built["budget"], built["window"]) == ("EvictPolicy", 64, 16)
+    assert (built["sink_selector"], built["n_first"]) == ("FirstSinks", 1)
     cli = json.loads(out2.read_text())
     assert cli["config"]["cache"]["budget"] == 64 and cli["config"]["limit"] == 1
     assert set(cli["scores"]) == {"sinkcache_kv_retrieval"} and cli["memory"]["ratio_vs_full"] < 1
@@ -408,9 +440,17 @@ def test_run_eval_and_cli_with_a_local_checkpoint(model, tok, tmp_path, capsys):
             "--tasks", "sinkcache_kv_retrieval",
             "--limit", "1",
             "--device", "cpu",
+            "--output_path", str(tmp_path / "lm_eval_out"),
         ]
     )  # fmt: skip
     assert "sinkcache_kv_retrieval" in capsys.readouterr().out
+    (written,) = (tmp_path / "lm_eval_out").rglob("results_*.json")
+    lm_res = json.loads(written.read_text())
+    score = lm_res["results"]["sinkcache_kv_retrieval"]["exact_match,first_number"]
+    assert score == cli["scores"]["sinkcache_kv_retrieval"]["exact_match,first_number"]  # same cache, same answer
+    via_cli = lm_res["config"]["sinkcache"]["cache"]  # what the model_args string really built
+    assert (via_cli["policy_class"], via_cli["budget"], via_cli["window"]) == ("EvictPolicy", 64, 16)
+    assert via_cli["sink_selector"] == "FirstSinks"
 
 
 @pytest.mark.real_model

@@ -210,7 +210,13 @@ def main() -> None:
     worker = Worker(args.model, args.press, args.ratio, args.threads)
     out = sys.stdout
     sys.stdout = sys.stderr  # keep library prints off the protocol channel
-    out.write(json.dumps({"ready": True, "versions": worker.versions, "load_s": time.perf_counter() - t0}) + "\n")
+    press = worker.press
+    built = {
+        "package": "kvpress",
+        "press_class": type(press).__name__ if press is not None else None,  # None: ratio 0 runs no press
+        "compression_ratio": float(getattr(press, "compression_ratio", 0.0)) if press is not None else 0.0,
+    }
+    out.write(json.dumps({"ready": True, "versions": worker.versions, "press": built, "load_s": time.perf_counter() - t0}) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)

@@ -29,13 +29,11 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
 _WINDOW_MODE = {"recent-evict": "rest", "streamingllm": "rest"}
 
 
-def build_lm(cell: Cell, model_name: str, *, model: Any = None, tokenizer: Any = None, checkpoint: str | None = None, log: str | None = None):
-    """The lm-eval model object that runs ``cell``."""
-    from .lms import FractionLM, KVPressLM, QuantizedPeerLM
+def lm_options(cell: Cell) -> dict[str, Any]:
+    """The lm-eval model class and every option that runs ``cell`` (no model objects): what the
+    cell *is*. It goes into the run key, so changing any knob here invalidates finished cells."""
     from .plan import HYBRID_GROUP, HYBRID_WINDOW, QUANT_GROUP, QUANT_WINDOW
 
-    pretrained = model if model is not None else model_name
-    common: dict[str, Any] = {"pretrained": pretrained, "tokenizer": tokenizer, "device": "cpu", "batch_size": 1}
     if cell.policy in _SINKCACHE_KW:
         kw = dict(_SINKCACHE_KW[cell.policy])
         if kw["policy"] == "quantize":
@@ -43,20 +41,35 @@ def build_lm(cell: Cell, model_name: str, *, model: Any = None, tokenizer: Any =
         elif kw["policy"] == "hybrid":
             # smaller groups and window so that small budgets still leave room for evictable groups
             kw.update(bits=cell.bits, window=HYBRID_WINDOW, group_size=HYBRID_GROUP)
-        frac = None if cell.budget is None else cell.budget / 100.0
-        return FractionLM(**common, **kw, budget_frac=frac, window_mode=_WINDOW_MODE.get(cell.policy, "default"))
+        if kw["policy"] in ("evict", "hybrid"):
+            if cell.budget is None:
+                raise ValueError(f"cell {cell.cell_id}: policy {cell.policy!r} needs a budget")
+            kw.update(budget_frac=cell.budget / 100.0, window_mode=_WINDOW_MODE.get(cell.policy, "default"))
+        return {"class": "FractionLM", **kw}
     if cell.policy in ("hf-quanto", "hf-hqq"):
-        return QuantizedPeerLM(**common, backend=cell.policy.removeprefix("hf-"), nbits=int(cell.bits or 4))
+        return {"class": "QuantizedPeerLM", "backend": cell.policy.removeprefix("hf-"), "nbits": int(cell.bits or 4)}
     if cell.policy.startswith("kvpress-"):
+        if cell.budget is None:
+            raise ValueError(f"cell {cell.cell_id}: kvpress presses need a budget")
+        return {"class": "KVPressLM", "press": cell.policy.removeprefix("kvpress-"), "ratio": round(1 - cell.budget / 100.0, 6)}
+    raise ValueError(f"unknown policy {cell.policy!r}")
+
+
+def build_lm(cell: Cell, model_name: str, *, model: Any = None, tokenizer: Any = None, checkpoint: str | None = None, log: str | None = None):
+    """The lm-eval model object that runs ``cell`` (options from :func:`lm_options`)."""
+    from . import lms
+
+    opts = lm_options(cell)
+    cls = getattr(lms, opts.pop("class"))
+    pretrained = model if model is not None else model_name
+    common: dict[str, Any] = {"pretrained": pretrained, "tokenizer": tokenizer, "device": "cpu", "batch_size": 1}
+    if cls is lms.KVPressLM:
         if checkpoint is None:
             from ..models import load_model  # noqa: F401  (ensures the converted checkpoint exists)
 
             checkpoint = str(Path.home() / ".cache" / "sinkcache" / model_name)
-        assert cell.budget is not None
-        return KVPressLM(
-            **common, press=cell.policy.removeprefix("kvpress-"), ratio=round(1 - cell.budget / 100.0, 6), checkpoint=checkpoint, log=log
-        )
-    raise ValueError(f"unknown policy {cell.policy!r}")
+        return cls(**common, **opts, checkpoint=checkpoint, log=log)
+    return cls(**common, **opts)
 
 
 def summarize(cell: Cell, scores: dict[str, dict[str, float]], memory: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +83,8 @@ def summarize(cell: Cell, scores: dict[str, dict[str, float]], memory: dict[str,
         "bits_per_byte": ppl,
         "word_perplexity": scores.get(PPL_TASK, {}).get("word_perplexity,none"),
         "kv_ratio": memory.get("ratio_vs_full"),
+        # streaming perplexity: bytes attention really used per scored token (not the final state)
+        "ppl_attended_kv_ratio": (memory.get("per_task", {}).get(PPL_TASK) or {}).get("attended_ratio_vs_full"),
         "mean_kv_bytes": memory.get("mean_memory_bytes"),
         "mean_full_kv_bytes": memory.get("mean_dense_bytes"),
     }
@@ -120,7 +135,7 @@ def run_cell(
     wall = time.perf_counter() - t0
     scores = _scores(results or {})
     memory = lm.kv_memory
-    memory.pop("cache", None) if getattr(lm, "peer", None) else None
+    built, requested = memory.pop("cache", {}), memory.pop("cache_requested", {})
     versions = _versions()
     if getattr(lm, "worker_versions", None):
         versions["peer_env"] = lm.worker_versions
@@ -129,7 +144,9 @@ def run_cell(
         "cell_id": cell.cell_id,
         "group": cell.group,
         "setting": cell.setting,
-        "cache": getattr(lm, "peer", None) or memory.pop("cache", {}),
+        "cache": built,  # read back from the caches that ran (per-request values as ranges)
+        "cache_requested": requested,
+        "lm_options": lm_options(cell),
         "scores": scores,
         "memory": memory,
         "summary": summarize(cell, scores, memory),
@@ -159,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         log=spec.get("log"),
     )
     rec["key"] = spec["key"]
+    rec["code"] = spec.get("code")
     rec["limit"] = spec.get("limit")
     rec["seed"] = spec.get("seed", 0)
     rec["model"] = spec["model"]

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..cache import SinkCache
 from ..evaluation import SinkCacheLM
+from ..policies import HybridPolicy
 
 __all__ = ["FractionLM", "QuantizedPeerLM", "KVPressLM", "PeerQuantCache", "tensor_bytes", "fit_budget"]
 
@@ -38,19 +39,24 @@ def fit_budget(kw: dict[str, Any], frac: float, n_tokens: int, window_mode: str)
     StreamingLLM).
     """
     kw = dict(kw)
+    if window_mode not in ("default", "rest"):
+        raise ValueError(f"window_mode={window_mode!r}; allowed: default, rest")
     budget = max(1, math.ceil(frac * n_tokens))
     if kw["policy"] == "evict":
-        reserved = int(kw.get("n_first") or 1) if kw.get("sinks") == "first" else 0
-        if kw.get("sinks") not in ("none", "first"):
-            reserved = 2  # room for the first token + at least one measured sink
-        budget = max(budget, reserved + 1)
-        if window_mode == "rest":
-            kw["window"] = budget - reserved
+        sinks = kw.get("sinks")
+        n_first = 1 if kw.get("n_first") is None else int(kw["n_first"])  # 0 stays 0
+        if sinks == "none":
+            reserved = 0
+        elif sinks == "first":
+            reserved = n_first
         else:
-            kw["window"] = None
+            reserved = max(n_first, 1) + 1  # room for the first token(s) + at least one measured sink
+        budget = max(budget, reserved + 1)
+        kw["window"] = budget - reserved if window_mode == "rest" else None
     elif kw["policy"] == "hybrid":
-        window = int(kw.get("window") or 0)
-        group = int(kw.get("group_size") or 64)
+        # Unset knobs are the policy's own defaults (window 128, group 64), not 0.
+        window = HybridPolicy.window if kw.get("window") is None else int(kw["window"])
+        group = HybridPolicy.group_size if kw.get("group_size") is None else int(kw["group_size"])
         budget = max(budget, window + 2 * group - 1)
     kw["budget"] = budget
     return kw
@@ -71,15 +77,24 @@ class FractionLM(SinkCacheLM):
         self.budget_frac = None if budget_frac is None else float(budget_frac)
         self.window_mode = window_mode
         self._n_ctx = 4096
-        if self.budget_frac is not None and kwargs.get("budget") is None:
-            kwargs["budget"] = 4096  # placeholder for validation; each request gets its own
+        if self.budget_frac is not None and kwargs.get("budget") is not None:
+            raise ValueError("pass budget= or budget_frac=, not both")
+        if self.budget_frac is not None:
+            kwargs["budget"] = 4096  # validates the other knobs; each request gets its own budget
         super().__init__(*args, **kwargs)
+
+    @property
+    def kv_memory(self) -> dict[str, Any]:
+        out = super().kv_memory
+        if self.budget_frac is not None:
+            out["cache_requested"].update(budget=None, budget_frac=self.budget_frac, window_mode=self.window_mode)
+        return out
 
     def make_cache(self) -> SinkCache:
         kw = self.cache_kwargs
         if self.budget_frac is None or kw["policy"] not in ("evict", "hybrid"):
             return super().make_cache()
-        fitted = fit_budget(kw, self.budget_frac, self._n_ctx, self.window_mode)
+        fitted = fit_budget({**kw, "budget": None}, self.budget_frac, self._n_ctx, self.window_mode)
         for _ in range(4):
             try:
                 return SinkCache(**fitted, model=self.model, tokenizer=self.tokenizer)
@@ -148,8 +163,25 @@ class PeerQuantCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
         super().__init__(layers=layers)
         self.full = [t == "full_attention" for t in types]
+        self.backend = backend
         self.kv_heads = int(cfg.num_key_value_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    def describe(self) -> dict[str, Any]:
+        """The quantized layers' settings, read back from the layers themselves."""
+        q = next((layer for layer, full in zip(self.layers, self.full, strict=True) if full), None)
+        return {
+            "cache": "transformers QuantizedCache layers",
+            "layer_class": type(q).__name__ if q is not None else None,
+            "backend": self.backend,
+            "nbits": getattr(q, "nbits", None),
+            "residual_length": getattr(q, "residual_length", None),
+            "q_group_size": getattr(q, "q_group_size", None),
+            "axis_key": getattr(q, "axis_key", None),
+            "axis_value": getattr(q, "axis_value", None),
+            "layers": len(self.layers),
+            "sliding_layers": self.full.count(False),
+        }
 
     def compress(self) -> None:
         """Nothing pending: the layers quantize inside ``update``."""
@@ -193,10 +225,16 @@ class QuantizedPeerLM(SinkCacheLM):
     def __init__(self, *args: Any, backend: str = "quanto", nbits: int = 4, **kwargs: Any) -> None:
         self.quant_backend, self.nbits = backend, int(nbits)
         super().__init__(*args, policy="full", sinks="none", **kwargs)
-        self.peer = {"cache": "transformers QuantizedCache layers", "backend": backend, "nbits": self.nbits, "residual_length": 128, "q_group_size": 64}
+        self._validated = self.make_cache().describe()
 
     def make_cache(self) -> Any:
         return PeerQuantCache(self.quant_backend, self.model.config, self.nbits)
+
+    @property
+    def kv_memory(self) -> dict[str, Any]:
+        out = super().kv_memory
+        out["cache_requested"] = {"backend": self.quant_backend, "nbits": self.nbits}
+        return out
 
     def _pad_quantum(self) -> int:
         return 1
@@ -233,6 +271,7 @@ class KVPressLM(SinkCacheLM):
     def __init__(self, *args: Any, press: str, ratio: float, checkpoint: str | Path, log: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, policy="full", sinks="none", **kwargs)
         self.peer = {"package": "kvpress", "press": press, "compression_ratio": ratio}
+        self._validated = dict(self.peer)
         py = kvpress_python()
         if not py.exists():
             raise FileNotFoundError(f"kvpress virtualenv python {py} not found (set $SINKCACHE_KVPRESS_PYTHON)")
@@ -249,6 +288,7 @@ class KVPressLM(SinkCacheLM):
         )
         hello = self._recv()
         self.worker_versions = hello.get("versions", {})
+        self.worker_press = hello.get("press")  # the press the worker really built
         self._stop_cache: dict[tuple[str, ...], list[int]] = {}
 
     def _pad_quantum(self) -> int:
@@ -282,6 +322,14 @@ class KVPressLM(SinkCacheLM):
     def _record_reply(self, reply: dict, kind: str) -> None:
         for mem, dense in zip(reply["memory"], reply["dense"], strict=True):
             self.kv_log.add(self._task, kind, mem, dense)
+        # What the worker reports it built (press class and ratio), else what this side asked for.
+        self.kv_log.built(dict(self.worker_press or {"unverified": True, **self.peer}))
+
+    @property
+    def kv_memory(self) -> dict[str, Any]:
+        out = super().kv_memory
+        out["cache_requested"] = dict(self.peer)
+        return out
 
     def _score_batch(self, contexts, rows):
         out: list[tuple[float, bool]] = []

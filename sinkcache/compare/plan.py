@@ -123,8 +123,9 @@ def plan(
     if unknown:
         raise ValueError(f"unknown policies {unknown}; allowed: {', '.join(POLICIES)}")
     for b in budgets:
-        if not 0 < float(b) <= 100:
-            raise ValueError(f"budget {b!r} must be a percentage in (0, 100]")
+        if not 1 <= float(b) <= 100:
+            hint = f" ({b!r} reads as {float(b):g}%; for {100 * float(b):g}% write {100 * float(b):g})" if 0 < float(b) < 1 else ""
+            raise ValueError(f"budget {b!r} must be a percentage of the full KV in [1, 100]{hint}")
     for n in (*bits, *hybrid_bits):
         if int(n) not in (2, 4):
             raise ValueError(f"bits {n!r}: compare sweeps 2 and 4 bits (both ours and the peers support them)")
@@ -151,7 +152,34 @@ def plan(
     return cells
 
 
-def run_key(model: str, limit: int | None, seed: int, cell: Cell) -> str:
-    """What a finished cell must match to be reused when resuming."""
-    blob = json.dumps({"model": model, "limit": limit, "seed": seed, "cell": cell.to_dict(), "v": 1}, sort_keys=True)
+def code_fingerprint() -> str:
+    """A hash of everything that decides a cell's numbers besides its options: the package's
+    ``.py`` files, the kvpress worker, and the task definitions and data under ``evals/``."""
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent
+    evals = pkg.parent / "evals"
+    files = sorted(pkg.rglob("*.py"))
+    for sub, pattern in (("peers", "*.py"), ("tasks", "*"), ("data", "*.jsonl")):
+        if (evals / sub).is_dir():
+            files += sorted(p for p in (evals / sub).glob(pattern) if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_key(model: str, limit: int | None, seed: int, cell: Cell, *, code: str | None = None) -> str:
+    """What a finished cell must match to be reused when resuming: the model, limit and seed, the
+    cell's full configuration (:func:`~sinkcache.compare.cell.lm_options`: every cache knob) and
+    the code that produced it (:func:`code_fingerprint`)."""
+    from .cell import lm_options
+
+    blob = json.dumps(
+        {
+            "model": model, "limit": limit, "seed": seed, "cell": cell.to_dict(), "options": lm_options(cell),
+            "code": code if code is not None else code_fingerprint(), "v": 2,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,7 +1,7 @@
 """Drive a ``sinkcache compare`` sweep: one subprocess per cell, resumable, with a progress bar.
 
 Finished cells live in ``OUT/cells/<cell_id>.json``; a cell whose file records the same run key
-(model, limit, seed, policy, setting, tasks) is skipped on the next run. After every cell the
+(model, limit, seed, the cell's full options and the code fingerprint) is skipped on the next run. After every cell the
 tables (``results.md``, ``results.json``) and the plot are rewritten from all finished cells, so
 an interrupted sweep still leaves its finished cells reported.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .plan import Cell, run_key
+from .plan import Cell, code_fingerprint, run_key
 
 
 def interleave(cells: list[Cell]) -> list[Cell]:
@@ -35,8 +35,11 @@ def interleave(cells: list[Cell]) -> list[Cell]:
     return out
 
 
-def load_done(out_dir: Path, model: str, limit: int | None, seed: int, cells: list[Cell]) -> dict[str, dict[str, Any]]:
-    """Finished cell records (by cell id) that match this run."""
+def load_done(
+    out_dir: Path, model: str, limit: int | None, seed: int, cells: list[Cell], code: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Finished cell records (by cell id) that match this run: same options and same code."""
+    code = code or code_fingerprint()
     done: dict[str, dict[str, Any]] = {}
     for c in cells:
         path = out_dir / "cells" / f"{c.cell_id}.json"
@@ -46,7 +49,7 @@ def load_done(out_dir: Path, model: str, limit: int | None, seed: int, cells: li
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("key") == run_key(model, limit, seed, c):
+        if rec.get("key") == run_key(model, limit, seed, c, code=code):
             done[c.cell_id] = rec
     return done
 
@@ -87,7 +90,8 @@ def run_sweep(
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run = runner or _subprocess_runner
     cells = interleave(cells)
-    done = load_done(out, model, limit, seed, cells)
+    code = code_fingerprint()
+    done = load_done(out, model, limit, seed, cells, code)
     todo = [c for c in cells if c.cell_id not in done]
     failed: list[dict[str, Any]] = []
     records = [done[c.cell_id] for c in cells if c.cell_id in done]
@@ -103,7 +107,8 @@ def run_sweep(
             "model": model,
             "limit": limit,
             "seed": seed,
-            "key": run_key(model, limit, seed, c),
+            "key": run_key(model, limit, seed, c, code=code),
+            "code": code,
             "threads": 1,
             "log": str((out / "logs" / f"{c.cell_id}.peer.log").resolve()),
         }

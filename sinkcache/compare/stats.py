@@ -1,0 +1,73 @@
+"""How sure a difference is: paired bootstrap confidence intervals over documents.
+
+Two policies scored on the *same* documents are compared per document (``b[i] - a[i]``), which
+removes the between-document variance that dominates unpaired intervals. A difference is called a
+win or a loss only when its interval excludes zero (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its percentile-bootstrap interval (``level`` e.g. 0.95) over ``n`` documents."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float
+    iters: int
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] (n={self.n})"
+
+
+def bootstrap_mean(values: Sequence[float], *, iters: int = 10_000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap of the mean of ``values`` (documents resampled with replacement).
+
+    Raises on fewer than 2 values (no interval exists) and on a ``level`` outside (0, 1).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95")
+    if iters < 100:
+        raise ValueError(f"iters={iters!r} is too few for a percentile interval; use >= 100")
+    x = torch.as_tensor(list(values), dtype=torch.float64)
+    if x.ndim != 1 or x.numel() < 2:
+        raise ValueError(f"need >= 2 paired values for an interval, got {x.numel()}")
+    if not torch.isfinite(x).all():
+        raise ValueError("values contain NaN or inf")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.numel(), (iters, x.numel()), generator=gen)
+    means = x[idx].mean(dim=1)
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return Interval(float(x.mean()), float(lo), float(hi), int(x.numel()), level, iters)
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], *, iters: int = 10_000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """Interval of ``mean(b - a)`` over documents scored by both (same order, same documents)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same documents: {len(a)} vs {len(b)} values")
+    return bootstrap_mean([y - x for x, y in zip(a, b)], iters=iters, level=level, seed=seed)
+
+
+def verdict(diff: Interval, *, higher_is_better: bool) -> str:
+    """``"win"`` / ``"loss"`` for ``b`` against ``a`` only when the interval excludes zero, else ``"tie"``."""
+    if not diff.excludes_zero():
+        return "tie"
+    better = diff.mean > 0 if higher_is_better else diff.mean < 0
+    return "win" if better else "loss"
