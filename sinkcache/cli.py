@@ -546,8 +546,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("model", help="built-in alias, .gguf file, local dir or hub id")
-    p.add_argument("--tasks", default="sinkcache_suite", help="comma-separated lm-eval task or group names")
+    p.add_argument("--tasks", default="sinkcache_suite", help="comma-separated lm-eval task or group names; ruler_offline = lm-eval's RULER variants that run offline")
+    p.add_argument("--ruler-lengths", default="1024,2048", help="document lengths (tokens) for RULER tasks")
     p.add_argument("--policy", default="full", choices=["full", "evict", "quantize", "hybrid"], help="cache policy")
+    p.add_argument("--policies", default=None, help="several policies (e.g. full,quantize,evict) scored from one prefill per request; each takes the knobs it uses")
     p.add_argument("--bits", type=int, default=None, help="quantization width (quantize/hybrid; policy default 4)")
     p.add_argument("--budget", type=int, default=None, help="tokens held per layer (evict/hybrid)")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept exact (policy default)")
@@ -560,6 +562,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     _add_model_options(p)
     p.set_defaults(func=_cmd_eval)
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"sinkcache: error: {option} {text!r}: give comma-separated integers, e.g. 1024,2048") from None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -581,7 +590,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         apply_chat_template=args.chat,
+        ruler_lengths=_int_list("--ruler-lengths", args.ruler_lengths),
+        policies=None if args.policies is None else [t.strip() for t in args.policies.split(",") if t.strip()],
     )
+    if "policies" in result:
+        for name, rep in result["policies"].items():
+            print(f"== policy {name} ==")
+            print_report(rep)
+        return 0
     print_report(result)
     return 0
 
@@ -648,11 +664,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), help="percent of each request's KV (eviction-type policies)")
     p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)), help="bit widths for quantizers")
-    p.add_argument("--hybrid-bits", default=",".join(map(str, DEFAULT_HYBRID_BITS)), help="bit widths for sink-hybrid")
+    p.add_argument("--hybrid-bits", default=",".join(map(str, DEFAULT_HYBRID_BITS)), help="bit widths for the hybrids")
+    p.add_argument("--hybrid-budgets", default=None, help="percent budgets for the hybrids (default: --budgets)")
     p.add_argument("--tasks", default=",".join(SUITE_TASKS), help="suite tasks to run")
     p.add_argument("--limit", type=_positive_int, default=5, help="documents per task")
     p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="cells run at once (1 thread each)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="processes at once (1 thread each); the forked in-package cells deal their documents over them")
+    p.add_argument("--no-fork", dest="fork", action="store_false", help="run every in-package cell with its own prefills (default: one shared prefill per request)")
     p.add_argument("--out", default=None, help="output dir (default: evals/results/<model>)")
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     p.set_defaults(func=_cmd_compare)
@@ -670,6 +688,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         "bits": parse_list(args.bits, int),
         "hybrid_bits": parse_list(args.hybrid_bits, int),
         "tasks": parse_list(args.tasks),
+        "hybrid_budgets": None if args.hybrid_budgets is None else parse_list(args.hybrid_budgets, float),
     }
     cells = plan(**kw)
     if args.dry_run:
@@ -678,7 +697,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     argv = list(sys.argv[1:])
     res = run_compare(
-        args.model, **kw, limit=args.limit, seed=args.seed, out_dir=args.out, jobs=args.jobs,
+        args.model, **kw, limit=args.limit, seed=args.seed, out_dir=args.out, jobs=args.jobs, fork=args.fork,
         command="sinkcache " + " ".join(shlex.quote(a) for a in argv),
     )
     print(f"{len(res['done'])} cells finished ({res['skipped']} reused), {len(res['failed'])} failed; wrote {res['out_dir']}/results.md")

@@ -36,6 +36,7 @@ import os
 import platform
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -449,6 +450,7 @@ class SinkCacheLM(HFLM):
             self._device = accelerator.device
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
+        SinkCacheLM._live.add(self)
         probe = self.make_cache()  # validate sinks/max_sinks/budget against this model and tokenizer
         self._validated = self.describe_cache(probe)
         probe.detach()
@@ -518,10 +520,28 @@ class SinkCacheLM(HFLM):
         ):
             yield
 
+    #: Every constructed model (weakly): ``python -m sinkcache.evaluation`` reports their KV memory.
+    _live: weakref.WeakSet = weakref.WeakSet()
+
+    #: Set by :class:`~sinkcache.fork_lm.ForkLM` while this model serves as one of its members: the
+    #: prompt's forward was recorded once and is loaded into this model's cache instead of rerun.
+    _shared: Any = None
+
     def _prefill(self, cache: SinkCache, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed ``ids`` ``[B, T]`` (left-padded per ``mask``) into ``cache`` and compress it."""
         if ids.shape[1] == 0:
             return
+        shared = self._shared
+        if shared is not None:
+            if not shared.matches(ids, mask):
+                raise RuntimeError("the shared prefill recorded other tokens than this request's")
+            shared.fork_into(cache)
+        else:
+            self._prefill_forward(cache, ids, mask)
+        cache.compress()
+
+    def _prefill_forward(self, cache: Any, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The prompt's forward into ``cache`` (no compression)."""
         pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
         with self._forward_ctx():
             self.model(
@@ -532,7 +552,6 @@ class SinkCacheLM(HFLM):
                 use_cache=True,
                 logits_to_keep=1,
             )
-        cache.compress()
 
     # ---- per-task bookkeeping -----------------------------------------------------------------------
     def _by_task(self, requests: list, fn: Callable[[list], list]) -> list:
@@ -616,8 +635,8 @@ class SinkCacheLM(HFLM):
         pbar.close()
         return res
 
-    def _score_batch(self, contexts: list[tuple[int, ...]], rows: list) -> list[tuple[float, bool]]:
-        dev = self.device
+    def _prompt_batch(self, contexts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``contexts[:-1]`` left-padded: ids and mask ``[B, T]`` on the device (the prefill)."""
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         plen = max(len(c) - 1 for c in contexts)
         ids = torch.full((len(contexts), plen), pad_id, dtype=torch.long)
@@ -627,7 +646,13 @@ class SinkCacheLM(HFLM):
             if n:
                 ids[g, plen - n :] = torch.tensor(c[:-1])
                 mask[g, plen - n :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _score_batch(self, contexts: list[tuple[int, ...]], rows: list) -> list[tuple[float, bool]]:
+        dev = self.device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, mask = self._prompt_batch(contexts)
+        plen = ids.shape[1]
         cache = self.make_cache()
         try:
             self._prefill(cache, ids, mask)
@@ -811,6 +836,14 @@ def _source_fingerprint() -> dict[str, str]:
 
 
 def _all_local(tasks: Iterable[str]) -> bool:
+    """Every task is the offline suite's or an offline RULER variant: nothing may use the network."""
+    from .ruler import OFFLINE_TASKS
+
+    return all(str(t).startswith("sinkcache") or str(t) in OFFLINE_TASKS for t in tasks)
+
+
+def _only_suite(tasks: Iterable[str]) -> bool:
+    """Only the offline suite's tasks: lm-eval's ~14,700 built-in ones need not be indexed."""
     return all(str(t).startswith("sinkcache") for t in tasks)
 
 
@@ -824,6 +857,29 @@ def _scores(results: dict) -> dict[str, dict[str, float]]:
             if k not in ("alias", "sample_len") and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
     return out
+
+
+def _simple_evaluate(lm, tasks, *, num_fewshot, batch_size, limit, task_manager, log_samples, apply_chat_template, seed, bootstrap_iters, progress, samples=None):
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        samples=samples,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=str(lm.device),
+        limit=limit,
+        task_manager=task_manager,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=int(bootstrap_iters),
+        verbosity="ERROR" if not progress else None,
+    )
 
 
 def run_eval(
@@ -856,6 +912,8 @@ def run_eval(
     tokenizer: Any = None,
     num_threads: int | None = None,
     progress: bool = True,
+    ruler_lengths: Sequence[int] = (1024, 2048),
+    policies: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_name`` under one cache policy with lm-eval; return (and write) a JSON report.
 
@@ -885,6 +943,14 @@ def run_eval(
         num_threads: ``torch.set_num_threads`` for the run (default: torch's choice). On a busy
             machine 1 thread can beat 2 by a wide margin.
         progress: print progress lines and lm-eval's progress bars.
+        ruler_lengths: document lengths (tokens) for lm-eval's RULER tasks. ``ruler_offline`` names
+            the variants that run offline (:mod:`sinkcache.ruler`); the model's tokenizer is saved
+            to a local folder and given to them, as they require. Offline (``HF_HUB_OFFLINE=1``),
+            the variants that download are skipped with a one-line reason (``skipped_tasks``).
+        policies: several policies (``["full", "quantize", "evict"]``) scored from one prefill per
+            request (:class:`~sinkcache.fork_lm.ForkLM`; the same scores as separate runs). Each
+            policy takes the cache knobs it uses (``bits`` for quantize/hybrid, ``budget`` for
+            evict/hybrid, ...); ``policy`` is then ignored. Returns ``{"policies": {name: report}}``.
 
     Returns:
         ``{"config", "versions", "scores", "memory", "time_s", "n_samples", "lm_eval"}`` where
@@ -892,12 +958,20 @@ def run_eval(
         request (``mean_memory_bytes``, ``mean_dense_bytes`` for a full cache, ``ratio_vs_full``,
         ``compression``, ``per_task``) and ``lm_eval`` the harness's own result tables.
     """
-    import lm_eval
 
     task_list = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
     task_list = [t for t in task_list if t]
     if not task_list:
         raise ValueError("no tasks given")
+    from . import ruler
+
+    skipped: dict[str, str] = {}
+    if any(ruler.is_ruler(t) for t in task_list):
+        ruler.check_available()
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        task_list, skipped = ruler.expand(task_list, offline=offline)
+        if not task_list:
+            raise ValueError(f"every task needs a download: {', '.join(f'{k} ({v})' for k, v in skipped.items())}")
     if _all_local(task_list):
         # Everything is local: never let datasets/hub try the network.
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -930,40 +1004,100 @@ def run_eval(
         device=device,
         dtype=dtype,
         batch_size=batch_size,
-        **cache_args,
+        **(cache_args if not policies else {"policy": "full"}),  # with policies: the members hold the caches
     )
+    runner: Any = lm
+    if policies:
+        from .fork_lm import ForkLM
+        from .policies import POLICY_KNOBS
+
+        bad = [q for q in policies if q not in POLICY_KNOBS]
+        if bad:
+            raise ValueError(f"policies {bad} are unknown; allowed: {', '.join(POLICY_KNOBS)}")
+        shared = {k: v for k, v in cache_args.items() if k not in ("policy", "bits", "budget", "window", "group_size", "positions")}
+        members = {
+            q: SinkCacheLM(
+                pretrained=lm.model, tokenizer=lm.tokenizer, chunk_size=chunk_size, device=str(lm.device), batch_size=batch_size,
+                policy=q, **{k: cache_args[k] for k in POLICY_KNOBS[q]}, **(shared if q != "full" else {}),
+            )
+            for q in dict.fromkeys(policies)
+        }
+        runner = ForkLM(members)
     t_load = time.perf_counter() - t0
+    for t, why in skipped.items():
+        say(f"skipping {t}: {why} (offline)")
+    tm_kwargs: dict[str, Any] = {}
+    if any(ruler.is_ruler(t) for t in task_list):
+        tok_dir = ruler.tokenizer_path(lm.tokenizer, model_name if model is None else getattr(lm.tokenizer, "name_or_path", model_name))
+        tm_kwargs["metadata"] = ruler.metadata(tok_dir, list(ruler_lengths))
     # Indexing lm-eval's ~14,700 built-in tasks takes seconds (tens on a busy CPU): skip it when
     # only the offline suite is asked for.
-    tm = task_manager(include_path, include_defaults=not _all_local(task_list))
+    tm = task_manager(include_path, include_defaults=not _only_suite(task_list), **tm_kwargs)
     say(f"model ready in {t_load:.1f} s; running {', '.join(task_list)}" + (f" (limit {limit})" if limit is not None else ""))
     t1 = time.perf_counter()
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=task_list,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=str(lm.device),
-        limit=limit,
-        task_manager=tm,
-        log_samples=log_samples,
-        apply_chat_template=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=int(bootstrap_iters),
-        verbosity="ERROR" if not progress else None,
-    )
+    with ruler.quiet_punkt():
+        tasks_arg: list[Any] = list(task_list)
+        samples = None
+        if "metadata" in tm_kwargs and isinstance(limit, int):
+            # RULER lays documents out length by length: take the first `limit` of each length.
+            from lm_eval.tasks import get_task_dict
+
+            tdict = get_task_dict(task_list, tm)
+            samples = ruler.samples_per_length(tdict, limit)
+            tasks_arg = list(ruler.leaf_tasks(tdict).values())  # loaded once (RULER generates its data)
+        evaluate = lambda m: _simple_evaluate(  # noqa: E731
+            m,
+            tasks_arg,
+            samples=samples,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            limit=None if samples is not None else limit,
+            task_manager=tm,
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            seed=seed,
+            bootstrap_iters=bootstrap_iters,
+            progress=progress,
+        )
+        if policies:
+            all_results = runner.run_all(evaluate)
+        else:
+            all_results = {"": evaluate(lm)}
     elapsed = time.perf_counter() - t1
-    if results is None:  # non-zero rank under data parallelism
+    if any(r is None for r in all_results.values()):  # non-zero rank under data parallelism
         return {}
     say(f"done in {elapsed:.1f} s")
+    reports = {
+        name: _report(
+            runner.members[name] if policies else lm, res, model_name=model_name, task_list=task_list, skipped=skipped,
+            ruler_lengths=ruler_lengths, limit=limit, batch_size=batch_size, chunk_size=chunk_size, num_fewshot=num_fewshot,
+            apply_chat_template=apply_chat_template, seed=seed, bootstrap_iters=bootstrap_iters, include_path=include_path,
+            time_s={"load": round(t_load, 2), "eval": round(elapsed, 2)},
+        )
+        for name, res in all_results.items()
+    }
+    report: dict[str, Any] = reports[""] if not policies else {"policies": reports, "fork": dict(runner.timing)}
+    if output is not None:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from lm_eval.utils import handle_non_serializable
+
+        path.write_text(json.dumps(report, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        say(f"wrote {path}")
+    return report
+
+
+def _report(lm, results, *, model_name, task_list, skipped, ruler_lengths, limit, batch_size, chunk_size, num_fewshot,
+            apply_chat_template, seed, bootstrap_iters, include_path, time_s) -> dict[str, Any]:
+    from . import ruler
+
     memory = lm.kv_memory
-    report = {
+    return {
         "config": {
             "model": model_name,
             "tasks": task_list,
+            "skipped_tasks": skipped,
+            "ruler_lengths": list(ruler_lengths) if any(ruler.is_ruler(t) for t in task_list) else None,
             "cache": memory.get("cache", lm.built_cache),  # read back from the caches that ran
             "cache_requested": dict(lm.cache_kwargs),
             "limit": limit,
@@ -981,7 +1115,7 @@ def run_eval(
         "versions": _versions(),
         "scores": _scores(results),
         "memory": {k: v for k, v in memory.items() if k not in ("cache", "cache_requested")},
-        "time_s": {"load": round(t_load, 2), "eval": round(elapsed, 2)},
+        "time_s": time_s,
         "n_samples": results.get("n-samples", {}),
         "lm_eval": {
             k: results[k]
@@ -989,14 +1123,6 @@ def run_eval(
             if k in results
         },
     }
-    if output is not None:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from lm_eval.utils import handle_non_serializable
-
-        path.write_text(json.dumps(report, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
-        say(f"wrote {path}")
-    return report
 
 
 def _fmt_bytes(n: float) -> str:
@@ -1018,27 +1144,34 @@ def format_report(result: dict[str, Any]) -> str:
     if raw.get("groups"):
         parts.append(make_table(raw, "groups"))
     cfg = result.get("config", {})
-    cache = cfg.get("cache", {})
-    desc = describe_short(cache)
-    mem = result.get("memory") or {}
-    if mem.get("requests"):
-        parts.append(
-            f"KV memory ({desc}): {_fmt_bytes(mem['mean_memory_bytes'])} per request vs "
-            f"{_fmt_bytes(mem['mean_dense_bytes'])} full cache = {100 * mem['ratio_vs_full']:.1f}% "
-            f"({mem['compression']:.2f}x smaller), mean over {mem['requests']} requests"
-        )
-        for task, m in (mem.get("per_task") or {}).items():
-            # Streaming perplexity: the cache shrinks only at each compress(), so what a scored
-            # token attends over is more than the end-of-document size above.
-            if m.get("attended_ratio_vs_full") is not None:
-                parts.append(
-                    f"  {task}: a scored token attends {_fmt_bytes(m['attended_mean_bytes'])} of KV on average "
-                    f"= {100 * m['attended_ratio_vs_full']:.1f}% of full (peak {_fmt_bytes(m['attended_peak_bytes'])})"
-                )
+    for task, why in (cfg.get("skipped_tasks") or {}).items():
+        parts.append(f"skipped {task}: {why} (offline)")
+    parts += kv_memory_lines(result.get("memory") or {}, cfg.get("cache", {}))
     t = result.get("time_s") or {}
     if t:
         parts.append(f"time: load {t.get('load', 0):.1f} s, eval {t.get('eval', 0):.1f} s")
     return "\n".join(parts)
+
+
+def kv_memory_lines(mem: dict[str, Any], cache: dict[str, Any]) -> list[str]:
+    """The "KV memory" line (mean bytes per request vs a full cache) and, for streaming
+    perplexity, what a scored token attended."""
+    if not mem.get("requests"):
+        return []
+    out = [
+        f"KV memory ({describe_short(cache)}): {_fmt_bytes(mem['mean_memory_bytes'])} per request vs "
+        f"{_fmt_bytes(mem['mean_dense_bytes'])} full cache = {100 * mem['ratio_vs_full']:.1f}% "
+        f"({mem['compression']:.2f}x smaller), mean over {mem['requests']} requests"
+    ]
+    for task, m in (mem.get("per_task") or {}).items():
+        # Streaming perplexity: the cache shrinks only at each compress(), so what a scored
+        # token attends over is more than the end-of-document size above.
+        if m.get("attended_ratio_vs_full") is not None:
+            out.append(
+                f"  {task}: a scored token attends {_fmt_bytes(m['attended_mean_bytes'])} of KV on average "
+                f"= {100 * m['attended_ratio_vs_full']:.1f}% of full (peak {_fmt_bytes(m['attended_peak_bytes'])})"
+            )
+    return out
 
 
 def describe_short(cache: dict[str, Any]) -> str:
@@ -1074,12 +1207,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         args += ["--include_path", str(default_tasks_dir())]
     from lm_eval.__main__ import cli_evaluate
 
+    from .ruler import quiet_punkt
+
     old = sys.argv
     sys.argv = ["lm-eval", *args]
     try:
-        cli_evaluate()
+        with quiet_punkt():
+            cli_evaluate()
     finally:
         sys.argv = old
+    # lm-eval printed its tables; add what it cannot know: the KV memory each model's caches held.
+    for lm in list(SinkCacheLM._live):
+        if lm.rank == 0:
+            for line in kv_memory_lines(lm.kv_memory, lm.built_cache):
+                print(line)
 
 
 if __name__ == "__main__":

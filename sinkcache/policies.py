@@ -126,6 +126,15 @@ class HybridPolicy(QuantizePolicy):
         return self.budget
 
 
+#: The knobs each named policy takes (any other must be left unset).
+POLICY_KNOBS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "evict": ("budget", "window", "positions"),
+    "quantize": ("bits", "window", "group_size"),
+    "hybrid": ("bits", "budget", "window", "group_size"),
+}
+
+
 def make_policy(
     policy: str | Policy = "quantize",
     *,
@@ -145,12 +154,7 @@ def make_policy(
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy={policy!r} is unknown; allowed: {', '.join(POLICY_NAMES)}")
     knobs = {"bits": bits, "budget": budget, "window": window, "group_size": group_size, "positions": positions}
-    used = {
-        "full": (),
-        "evict": ("budget", "window", "positions"),
-        "quantize": ("bits", "window", "group_size"),
-        "hybrid": ("bits", "budget", "window", "group_size"),
-    }[policy]
+    used = POLICY_KNOBS[policy]
     unused = sorted(k for k, v in knobs.items() if v is not None and k not in used)
     if unused:
         raise ValueError(f"policy={policy!r} does not use {', '.join(unused)}; it takes: {', '.join(used) or 'nothing'}")

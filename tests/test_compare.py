@@ -332,11 +332,11 @@ def test_sweep_resumes_and_writes_results(tmp_path):
         return 0
 
     cells = plan(["full", "sink-evict", "kivi"], [50, 25], [4, 2])
-    res = run_sweep("tiny", cells, tmp_path, limit=1, runner=runner, progress=False)
+    res = run_sweep("tiny", cells, tmp_path, limit=1, runner=runner, progress=False, fork=False)
     assert len(calls) == 5 and len(res["done"]) == 4 and [f["cell_id"] for f in res["failed"]] == ["kivi_2bit"]
-    res2 = run_sweep("tiny", cells, tmp_path, limit=1, runner=runner, progress=False)
+    res2 = run_sweep("tiny", cells, tmp_path, limit=1, runner=runner, progress=False, fork=False)
     assert calls[5:] == ["kivi2"] and res2["skipped"] == 4 and len(res2["done"]) == 5 and not res2["failed"]
-    res3 = run_sweep("tiny", cells, tmp_path, limit=2, runner=runner, progress=False)  # other limit: redo all
+    res3 = run_sweep("tiny", cells, tmp_path, limit=2, runner=runner, progress=False, fork=False)  # other limit: redo all
     assert res3["skipped"] == 0 and len(calls) == 11
     write_results(tmp_path, "tiny", res3["done"], {"limit": 2, "seed": 0, "planned": 5, "command": "sinkcache compare tiny"})
     md = (tmp_path / "results.md").read_text()
@@ -345,6 +345,65 @@ def test_sweep_resumes_and_writes_results(tmp_path):
     assert [c["cell_id"] for c in data["cells"]] == [c.cell_id for c in interleave(cells)]
     png = tmp_path / "accuracy_vs_kv_memory.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_document_shards_give_the_single_process_record(model, tok):
+    """Documents dealt over 2 processes (here: 2 calls) merge into exactly one process's scores."""
+    from sinkcache.compare.cell import record_from_parts, run_fork_shard
+
+    tasks = ("sinkcache_kv_retrieval", "sinkcache_facts_mc", PPL_TASK)
+    cells = [Cell("full", tasks=tasks), Cell("kivi", bits=2, tasks=tasks), Cell("sink-evict", budget=25.0, tasks=tasks)]
+    one = run_fork_shard(cells, "tiny", limit=4, model=model, tokenizer=tok)
+    two = [run_fork_shard(cells, "tiny", limit=4, shard=k, shards=2, model=model, tokenizer=tok) for k in (0, 1)]
+    for c in cells:
+        a = record_from_parts(c, [one["parts"][c.cell_id]])
+        b = record_from_parts(c, [t["parts"][c.cell_id] for t in two])
+        assert a["docs"] == b["docs"] and a["scores"] == b["scores"], c.cell_id
+        assert a["n_docs"] == {"sinkcache_kv_retrieval": 4, "sinkcache_facts_mc": 4, PPL_TASK: 4}
+        assert a["memory"]["mean_memory_bytes"] == pytest.approx(b["memory"]["mean_memory_bytes"])
+        assert a["cache"] == b["cache"]
+        # the scores computed from documents are lm-eval's own aggregates
+        for task, metrics in a["scores"].items():
+            for m, v in metrics.items():
+                assert v == pytest.approx(a["lm_eval_scores"][task][m]), (task, m)
+    assert set(two[0]["parts"]["full"]["docs"]["sinkcache_kv_retrieval"]) == {"0", "2"}
+
+
+def test_sweep_forks_in_package_cells_and_runs_peers_alone(tmp_path):
+    specs: list[dict] = []
+
+    def part(cell_id: str, shard: int) -> dict:
+        docs = {"sinkcache_passkey": {str(i): float((i + len(cell_id)) % 2) for i in range(shard, 6, 2)}}
+        return {"docs": docs, "lm_eval_scores": {}, "n_samples": {}, "cache_requested": {},
+                "kv": {"records": [["sinkcache_passkey", "generate_until", 10.0, 40.0]], "configs": [{"policy": cell_id}], "attended": []}}
+
+    def runner(spec_path: Path, out_path: Path, log_path: Path) -> int:
+        spec = json.loads(spec_path.read_text())
+        specs.append(spec)
+        if "cells" in spec:
+            ids = [Cell.from_dict(c).cell_id for c in spec["cells"]]
+            out_path.write_text(json.dumps({
+                "keys": spec["keys"], "parts": {i: part(i, spec["shard"]) for i in ids},
+                "timing": {"wall_s": 5.0, "shared_prefill_s": 1.0, "prefills": 3, "member_s": dict.fromkeys(ids, 1.0)},
+                "peak_rss_bytes": 1, "num_threads": 1, "versions": {},
+            }))
+        else:
+            out_path.write_text(json.dumps(_fake_record(spec, 0.5)))
+        return 0
+
+    cells = plan(["full", "kivi", "sink-quant", "hf-quanto"], [50], [2], tasks=["sinkcache_passkey"])
+    res = run_sweep("tiny", cells, tmp_path, limit=6, jobs=2, runner=runner, progress=False)
+    forks = [s for s in specs if "cells" in s]
+    assert [(s["shard"], s["shards"]) for s in forks] == [(0, 2), (1, 2)]
+    assert sorted(Cell.from_dict(c).cell_id for c in forks[0]["cells"]) == ["full", "kivi_2bit", "sink-quant_2bit"]
+    assert [s["cell"]["policy"] for s in specs if "cell" in s] == ["hf-quanto"]  # peers keep their own runs
+    assert len(res["done"]) == 4 and not res["failed"]
+    kivi = json.loads((tmp_path / "cells" / "kivi_2bit.json").read_text())
+    assert kivi["n_docs"] == {"sinkcache_passkey": 6} and kivi["fork"]["shards"] == 2 and kivi["fork"]["members"] == 3
+    assert kivi["key"] == run_key("tiny", 6, 0, Cell("kivi", bits=2, tasks=("sinkcache_passkey",)))
+    n = len(specs)
+    res2 = run_sweep("tiny", cells, tmp_path, limit=6, jobs=2, runner=runner, progress=False)
+    assert len(specs) == n and res2["skipped"] == 4  # everything reused
 
 
 def test_cli_dry_run_lists_cells(capsys):

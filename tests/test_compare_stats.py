@@ -48,3 +48,32 @@ def test_same_seed_same_interval():
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_stratified_mean_resamples_within_tasks():
+    from sinkcache.compare.stats import stratified_mean
+
+    per_task = {"a": [1.0] * 50, "b": [0.0, 1.0] * 25}
+    iv = stratified_mean(per_task, iters=2000)
+    assert iv.mean == pytest.approx(0.75) and iv.n == 100
+    # task "a" has no variance: the interval is half the width of "b"'s alone
+    ib = stratified_mean({"b": per_task["b"]}, iters=2000)
+    assert (iv.high - iv.low) == pytest.approx((ib.high - ib.low) / 2, rel=0.2)
+    assert stratified_mean({"a": [1.0] * 10}, iters=200).low == 1.0
+    with pytest.raises(ValueError, match="no documents"):
+        stratified_mean({"a": []})
+    with pytest.raises(ValueError, match="NaN"):
+        stratified_mean({"a": [1.0, float("nan")]})
+
+
+def test_ratio_of_sums_is_bits_per_byte_and_pairs():
+    from sinkcache.compare.stats import ratio_of_sums
+
+    num, den = [10.0, 20.0, 30.0, 40.0], [10.0, 10.0, 20.0, 20.0]
+    iv = ratio_of_sums(num, den, iters=1000)
+    assert iv.mean == pytest.approx(100 / 60)  # a ratio of sums, not a mean of ratios (1.625)
+    assert iv.low <= iv.mean <= iv.high
+    diff = ratio_of_sums([-1.0, -2.0, -1.5, -0.5], den, iters=1000)
+    assert diff.high < 0 and diff.excludes_zero()
+    with pytest.raises(ValueError, match="paired"):
+        ratio_of_sums([1.0], [1.0])

@@ -427,12 +427,12 @@ class Spec:
 #: task file name -> (generator, seed, documents). Seeds are fixed; change them only with a
 #: new task version.
 TASKS: dict[str, Spec] = {
-    "passkey": Spec(passkey, 1001, 40),
-    "niah_multikey": Spec(niah_multikey, 1002, 30),
-    "kv_retrieval": Spec(kv_retrieval, 1003, 30),
-    "variable_tracking": Spec(variable_tracking, 1004, 30),
-    "arithmetic_cot": Spec(arithmetic_cot, 1005, 30),
-    "facts_mc": Spec(facts_mc, 1006, 30),
+    "passkey": Spec(passkey, 1001, 100),
+    "niah_multikey": Spec(niah_multikey, 1002, 100),
+    "kv_retrieval": Spec(kv_retrieval, 1003, 100),
+    "variable_tracking": Spec(variable_tracking, 1004, 100),
+    "arithmetic_cot": Spec(arithmetic_cot, 1005, 100),
+    "facts_mc": Spec(facts_mc, 1006, 100),
     "docstring_ppl": Spec(docstring_ppl, 1007, 30),
 }
 

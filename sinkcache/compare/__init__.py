@@ -51,6 +51,8 @@ def run_compare(
     seed: int = 0,
     out_dir: str | Path | None = None,
     jobs: int = 1,
+    fork: bool = True,
+    hybrid_budgets: list[float] | tuple[float, ...] | None = None,
     runner: Any = None,
     progress: bool = True,
     command: str | None = None,
@@ -59,7 +61,7 @@ def run_compare(
     from .report import write_results
     from .runner import run_sweep
 
-    cells = plan(policies, budgets, bits, hybrid_bits, tasks)
+    cells = plan(policies, budgets, bits, hybrid_bits, tasks, hybrid_budgets)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     meta = {
         "command": command or "sinkcache compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
@@ -71,13 +73,16 @@ def run_compare(
         "budgets_percent": list(budgets),
         "bits": list(bits),
         "hybrid_bits": list(hybrid_bits),
+        "hybrid_budgets_percent": list(budgets if hybrid_budgets is None else hybrid_budgets),
+        "fork": fork,
+        "jobs": jobs,
         "tasks": list(tasks),
     }
 
     def update(records: list[dict[str, Any]]) -> None:
         write_results(out, model, records, meta)
 
-    res = run_sweep(model, cells, out, limit=limit, seed=seed, jobs=jobs, runner=runner, on_update=update, progress=progress)
+    res = run_sweep(model, cells, out, limit=limit, seed=seed, jobs=jobs, fork=fork, runner=runner, on_update=update, progress=progress)
     write_results(out, model, res["done"], meta)
     res["out_dir"] = str(out)
     return res

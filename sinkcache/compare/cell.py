@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK, Cell
+from .samples import merge_docs, per_doc, task_scores
 
 # Cache knobs of the in-package policies (ours and the baselines).
 _SINKCACHE_KW: dict[str, dict[str, Any]] = {
@@ -25,6 +26,7 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "sink-quant": {"policy": "quantize", "sinks": "auto"},
     "kivi": {"policy": "quantize", "sinks": "none"},
     "sink-hybrid": {"policy": "hybrid", "sinks": "auto"},
+    "nosink-hybrid": {"policy": "hybrid", "sinks": "none"},
 }
 _WINDOW_MODE = {"recent-evict": "rest", "streamingllm": "rest"}
 
@@ -90,6 +92,107 @@ def summarize(cell: Cell, scores: dict[str, dict[str, float]], memory: dict[str,
     }
 
 
+def shard_samples(tasks: list[str] | tuple[str, ...], limit: int | None, shard: int = 0, shards: int = 1) -> dict[str, list[int]]:
+    """lm-eval ``samples=``: per task, the first ``limit`` documents whose index is ``shard`` modulo
+    ``shards`` (documents are dealt round-robin, so shards stay balanced across lengths)."""
+    from lm_eval.tasks import get_task_dict
+
+    from ..evaluation import task_manager
+
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: need 0 <= shard < shards")
+    tdict = get_task_dict(list(tasks), task_manager(include_defaults=False))
+    out = {}
+    for t in tasks:
+        n = len(tdict[t].eval_docs)
+        n = n if limit is None else min(n, int(limit))
+        out[t] = [i for i in range(n) if i % shards == shard]
+    return out
+
+
+def _evaluate(lm: Any, tasks: list[str], samples: dict[str, list[int]], seed: int) -> dict[str, Any]:
+    import lm_eval
+
+    from ..evaluation import task_manager
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        batch_size=1,
+        device="cpu",
+        samples=samples,
+        log_samples=True,
+        task_manager=task_manager(include_defaults=False),  # the suite only: skips indexing ~15k tasks
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=0,
+        verbosity="ERROR",
+    ) or {}
+
+
+def _part(lm: Any, results: dict[str, Any], tasks: list[str], wall: float) -> dict[str, Any]:
+    """What one process measured for one cell: per-document scores and the raw KV log."""
+    from ..evaluation import _scores
+
+    log = lm.kv_log
+    return {
+        "docs": per_doc(results, tasks),
+        "lm_eval_scores": _scores(results),
+        "n_samples": results.get("n-samples", {}),
+        "kv": {"records": list(log.records), "configs": list(log.configs), "attended": list(log.attended)},
+        "cache_requested": lm.kv_memory.get("cache_requested", {}),
+        "wall_s": round(wall, 2),
+    }
+
+
+def record_from_parts(cell: Cell, parts: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A cell's record from the parts its shards wrote: scores recomputed from the merged documents,
+    memory from the merged KV logs, the built cache from every request's read-back description."""
+    from ..evaluation import _KVLog, merge_configs
+
+    log = _KVLog()
+    for p in parts:
+        log.records += [tuple(r) for r in p["kv"]["records"]]
+        log.configs += p["kv"]["configs"]
+        log.attended += [tuple(a) for a in p["kv"]["attended"]]
+    docs = merge_docs([p["docs"] for p in parts])
+    scores = task_scores(docs)
+    memory = log.summary()
+    rec = {
+        "cell": cell.to_dict(),
+        "cell_id": cell.cell_id,
+        "group": cell.group,
+        "setting": cell.setting,
+        "cache": merge_configs(log.configs),  # read back from the caches that ran
+        "cache_requested": parts[0].get("cache_requested", {}) if parts else {},
+        "lm_options": lm_options(cell),
+        "scores": scores,
+        "memory": memory,
+        "summary": summarize(cell, scores, memory),
+        "docs": docs,
+        "n_docs": {t: len(v) for t, v in docs.items()},
+        "shards": len(parts),
+    }
+    if len(parts) == 1:
+        rec["lm_eval_scores"] = parts[0]["lm_eval_scores"]  # lm-eval's own aggregate, for cross-checking
+    rec.update(extra)
+    return rec
+
+
+def _process_facts() -> dict[str, Any]:
+    import torch
+
+    from ..evaluation import _versions
+
+    return {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "num_threads": torch.get_num_threads(),
+        "versions": _versions(),
+    }
+
+
 def run_cell(
     cell: Cell,
     model_name: str,
@@ -101,81 +204,103 @@ def run_cell(
     checkpoint: str | None = None,
     log: str | None = None,
     progress: bool = False,
+    shard: int = 0,
+    shards: int = 1,
 ) -> dict[str, Any]:
-    """Run ``cell``; returns its record (scores, measured memory, wall time, peak RSS)."""
-    import lm_eval
-    import torch
-
-    from ..evaluation import _scores, _versions, task_manager
-
+    """Run ``cell`` alone; returns its record (scores, per-document scores, measured memory, wall
+    time, peak RSS)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     lm = build_lm(cell, model_name, model=model, tokenizer=tokenizer, checkpoint=checkpoint, log=log)
     t_load = time.perf_counter() - t0
     worker_rss = 0
+    tasks = list(cell.tasks)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(cell.tasks),
-            batch_size=1,
-            device="cpu",
-            limit=limit,
-            task_manager=task_manager(include_defaults=False),  # the suite only: skips indexing ~15k tasks
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-        )
+        results = _evaluate(lm, tasks, shard_samples(tasks, limit, shard, shards), seed)
     finally:
         if hasattr(lm, "close"):
             worker_rss = lm.close()
     wall = time.perf_counter() - t0
-    scores = _scores(results or {})
-    memory = lm.kv_memory
-    built, requested = memory.pop("cache", {}), memory.pop("cache_requested", {})
-    versions = _versions()
+    part = _part(lm, results, tasks, wall)
+    facts = _process_facts()
     if getattr(lm, "worker_versions", None):
-        versions["peer_env"] = lm.worker_versions
-    rec = {
-        "cell": cell.to_dict(),
-        "cell_id": cell.cell_id,
-        "group": cell.group,
-        "setting": cell.setting,
-        "cache": built,  # read back from the caches that ran (per-request values as ranges)
-        "cache_requested": requested,
-        "lm_options": lm_options(cell),
-        "scores": scores,
-        "memory": memory,
-        "summary": summarize(cell, scores, memory),
-        "n_samples": (results or {}).get("n-samples", {}),
-        "time_s": {"load": round(t_load, 2), "wall": round(wall, 2)},
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peer_worker_peak_rss_bytes": worker_rss or None,
-        "num_threads": torch.get_num_threads(),
-        "versions": versions,
+        facts["versions"]["peer_env"] = lm.worker_versions
+    return record_from_parts(
+        cell, [part], time_s={"load": round(t_load, 2), "wall": round(wall, 2)},
+        peer_worker_peak_rss_bytes=worker_rss or None, **facts,
+    )
+
+
+def run_fork_shard(
+    cells: list[Cell], model_name: str, *, limit: int | None, seed: int = 0, shard: int = 0, shards: int = 1,
+    model: Any = None, tokenizer: Any = None,
+) -> dict[str, Any]:
+    """One shard of documents for several in-package cells, one prefill per request
+    (:class:`~sinkcache.fork_lm.ForkLM`). Returns ``{"parts": {cell_id: part}, "timing": ...}``."""
+    from ..fork_lm import ForkLM
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tasks = list(cells[0].tasks)
+    if any(list(c.tasks) != tasks for c in cells):
+        raise ValueError("cells forked together must run the same tasks")
+    bad = [c.cell_id for c in cells if not forkable(c)]
+    if bad:
+        raise ValueError(f"cells {bad} are peers: they run their own prefill (run_cell)")
+    t0 = time.perf_counter()
+    if model is None:
+        from ..models import load_model
+
+        model, tokenizer = load_model(model_name, dtype="float32")
+    members = {c.cell_id: build_lm(c, model_name, model=model, tokenizer=tokenizer) for c in cells}
+    fork = ForkLM(members)
+    t_load = time.perf_counter() - t0
+    samples = shard_samples(tasks, limit, shard, shards)
+    walls: dict[str, float] = {}
+
+    def ev(lm):
+        t = time.perf_counter()
+        res = _evaluate(lm, tasks, samples, seed)
+        walls[lm.current] = time.perf_counter() - t
+        return res
+
+    results = fork.run_all(ev)
+    parts = {name: _part(members[name], results[name], tasks, walls[name]) for name in fork.names}
+    timing = {
+        "load_s": round(t_load, 2),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "record_pass_s": round(walls[fork.names[0]], 2),
+        "shared_prefill_s": round(fork.timing["shared_prefill_s"], 2),
+        "prefills": fork.timing["prefills"],
+        "member_s": {k: round(v, 2) for k, v in fork.timing["member_s"].items()},
     }
-    return rec
+    return {"parts": parts, "timing": timing, "shard": shard, "shards": shards, **_process_facts()}
+
+
+def forkable(cell: Cell) -> bool:
+    """In-package policies attend the prompt at full precision: they can share one prefill."""
+    return lm_options(cell)["class"] == "FractionLM"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m sinkcache.compare.cell SPEC.json OUT.json``: one cell (``"cell"``) or one shard
+    of a fork group (``"cells"``, ``"shard"``, ``"shards"``), written atomically to ``OUT.json``."""
     args = list(sys.argv[1:] if argv is None else argv)
     spec = json.loads(Path(args[0]).read_text())
     out = Path(args[1])
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
-    rec = run_cell(
-        Cell.from_dict(spec["cell"]),
-        spec["model"],
-        limit=spec.get("limit"),
-        seed=int(spec.get("seed", 0)),
-        checkpoint=spec.get("checkpoint"),
-        log=spec.get("log"),
-    )
-    rec["key"] = spec["key"]
+    common = {"limit": spec.get("limit"), "seed": int(spec.get("seed", 0))}
+    if "cells" in spec:
+        rec = run_fork_shard(
+            [Cell.from_dict(c) for c in spec["cells"]], spec["model"], shard=int(spec["shard"]), shards=int(spec["shards"]), **common
+        )
+        rec["keys"] = spec["keys"]
+    else:
+        rec = run_cell(Cell.from_dict(spec["cell"]), spec["model"], checkpoint=spec.get("checkpoint"), log=spec.get("log"), **common)
+        rec["key"] = spec["key"]
     rec["code"] = spec.get("code")
     rec["limit"] = spec.get("limit")
     rec["seed"] = spec.get("seed", 0)

@@ -24,6 +24,7 @@ POLICIES: dict[str, tuple[str, str, str]] = {
     "recent-evict": ("baseline", "evict", "no-sink eviction: pure recent window"),
     "streamingllm": ("baseline", "evict", "StreamingLLM: first 4 tokens + recent window"),
     "kivi": ("baseline", "quant", "plain KIVI quantization (no sink protection)"),
+    "nosink-hybrid": ("baseline", "hybrid", "the hybrid without sinks: KIVI quantization + eviction of whole groups"),
     "hf-quanto": ("peer", "quant", "transformers QuantizedCache, optimum-quanto backend"),
     "hf-hqq": ("peer", "quant", "transformers QuantizedCache, HQQ backend"),
     "kvpress-streaming_llm": ("peer", "evict", "kvpress StreamingLLMPress"),
@@ -117,12 +118,14 @@ def plan(
     bits: list[int] | tuple[int, ...] = DEFAULT_BITS,
     hybrid_bits: list[int] | tuple[int, ...] = DEFAULT_HYBRID_BITS,
     tasks: list[str] | tuple[str, ...] = SUITE_TASKS,
+    hybrid_budgets: list[float] | tuple[float, ...] | None = None,
 ) -> list[Cell]:
     """The cells, in run order: the reference first, then ours, baselines and peers per policy."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; allowed: {', '.join(POLICIES)}")
-    for b in budgets:
+    hybrid_budgets = budgets if hybrid_budgets is None else hybrid_budgets
+    for b in (*budgets, *hybrid_budgets):
         if not 1 <= float(b) <= 100:
             hint = f" ({b!r} reads as {float(b):g}%; for {100 * float(b):g}% write {100 * float(b):g})" if 0 < float(b) < 1 else ""
             raise ValueError(f"budget {b!r} must be a percentage of the full KV in [1, 100]{hint}")
@@ -148,18 +151,29 @@ def plan(
         elif kind == "quant":
             cells.extend(Cell(p, bits=int(n), tasks=t) for n in bits)
         else:
-            cells.extend(Cell(p, budget=float(b), bits=int(n), tasks=t) for n in hybrid_bits for b in budgets)
+            cells.extend(Cell(p, budget=float(b), bits=int(n), tasks=t) for n in hybrid_bits for b in hybrid_budgets)
     return cells
+
+
+#: Modules that only report, plot, benchmark or parse arguments: they cannot change a cell's numbers,
+#: so editing them does not invalidate finished cells (everything else in the package does).
+REPORTING_ONLY = frozenset(
+    {
+        "compare/report.py", "compare/stats.py", "compare/runner.py", "compare/__init__.py", "cli.py", "plots.py",
+        "bench.py", "analysis.py", "_console.py",
+    }
+)
 
 
 def code_fingerprint() -> str:
     """A hash of everything that decides a cell's numbers besides its options: the package's
-    ``.py`` files, the kvpress worker, and the task definitions and data under ``evals/``."""
+    ``.py`` files (less :data:`REPORTING_ONLY`), the kvpress worker, and the task definitions and
+    data under ``evals/``."""
     from pathlib import Path
 
     pkg = Path(__file__).resolve().parent.parent
     evals = pkg.parent / "evals"
-    files = sorted(pkg.rglob("*.py"))
+    files = sorted(p for p in pkg.rglob("*.py") if p.relative_to(pkg).as_posix() not in REPORTING_ONLY)
     for sub, pattern in (("peers", "*.py"), ("tasks", "*"), ("data", "*.jsonl")):
         if (evals / sub).is_dir():
             files += sorted(p for p in (evals / sub).glob(pattern) if p.is_file())

@@ -1,13 +1,134 @@
 """Tables and plot of a ``sinkcache compare`` sweep: ``results.md``, ``results.json``,
-``accuracy_vs_kv_memory.png``."""
+``accuracy_vs_kv_memory.png``, with intervals from per-document scores.
+
+* **Cell intervals**: the suite score (mean of the accuracy tasks' means) with a 95% bootstrap
+  interval over documents (resampled within each task), each task's accuracy likewise, and
+  streaming bits/byte (a ratio of sums, resampled by document).
+* **Pairs at matched memory**: each of ours against its no-sink baseline and against every peer
+  at the same nominal setting (bit width, or budget as a share of each request's KV): the paired
+  difference ``ours - other`` over the documents both scored, with its interval. A difference is a
+  win or a loss only when its interval excludes zero (:func:`~sinkcache.compare.stats.verdict`).
+
+Tasks on which the full cache scores at chance stay in the per-task tables but are left out of the
+suite score's intervals and differences (a compressed cache cannot lose what the model never had).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .plan import ACCURACY_METRICS, POLICIES
+from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK
+from .stats import Interval, ratio_of_sums, stratified_mean, verdict
+
+#: ours -> its no-sink (or no-protection) baseline in the same family.
+BASELINE_OF = {"sink-evict": "recent-evict", "sink-quant": "kivi", "sink-hybrid": "nosink-hybrid"}
+#: ours -> the peers it is compared with at the same nominal setting.
+PEERS_OF = {
+    "sink-evict": ("streamingllm", "kvpress-streaming_llm", "kvpress-snapkv", "kvpress-knorm", "kvpress-tova", "kvpress-expected_attention"),
+    "sink-quant": ("hf-quanto", "hf-hqq"),
+}
+
+
+def _setting(rec: dict[str, Any]) -> tuple:
+    c = rec["cell"]
+    return (c.get("bits"), c.get("budget"))
+
+
+def _acc_docs(rec: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
+    return {t: rec.get("docs", {}).get(t, {}) for t in tasks if rec.get("docs", {}).get(t)}
+
+
+def informative_tasks(records: list[dict[str, Any]], *, chance: float = 0.0) -> list[str]:
+    """Accuracy tasks the full cache scores above ``chance`` on (all tasks if there is no full cell)."""
+    full = next((r for r in records if r["cell"]["policy"] == "full"), None)
+    tasks = list(ACCURACY_METRICS)
+    if full is None:
+        return tasks
+    out = []
+    for t in tasks:
+        vals = list(full.get("docs", {}).get(t, {}).values())
+        if vals and sum(vals) / len(vals) > chance:
+            out.append(t)
+    return out
+
+
+def cell_intervals(rec: dict[str, Any], tasks: list[str], *, iters: int = 2000) -> dict[str, Any]:
+    """``{"suite": Interval, "per_task": {task: Interval}, "bits_per_byte": Interval}`` (dicts)."""
+    docs = _acc_docs(rec, tasks)
+    out: dict[str, Any] = {"per_task": {}}
+    if sum(len(v) for v in docs.values()) >= 2:
+        out["suite"] = stratified_mean({t: list(v.values()) for t, v in docs.items()}, iters=iters).to_dict()
+    for t, v in docs.items():
+        if len(v) >= 2:
+            out["per_task"][t] = stratified_mean({t: list(v.values())}, iters=iters).to_dict()
+    ppl = rec.get("docs", {}).get(PPL_TASK) or {}
+    if len(ppl) >= 2:
+        pairs = list(ppl.values())
+        out["bits_per_byte"] = ratio_of_sums([-p[0] / math.log(2) for p in pairs], [p[1] for p in pairs], iters=iters).to_dict()
+    return out
+
+
+def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, iters: int = 2000) -> dict[str, Any]:
+    """``b - a`` over shared documents: suite score (higher is better) and bits/byte (lower is better)."""
+    out: dict[str, Any] = {"a": a["cell_id"], "b": b["cell_id"]}
+    da, db = _acc_docs(a, tasks), _acc_docs(b, tasks)
+    diffs: dict[str, list[float]] = {}
+    for t in tasks:
+        shared = sorted(set(da.get(t, {})) & set(db.get(t, {})), key=int)
+        if shared:
+            diffs[t] = [db[t][i] - da[t][i] for i in shared]
+    if sum(len(v) for v in diffs.values()) >= 2:
+        iv = stratified_mean(diffs, iters=iters)
+        out["suite"] = iv.to_dict() | {"verdict": verdict(iv, higher_is_better=True)}
+        out["n_docs"] = {t: len(v) for t, v in diffs.items()}
+    pa, pb = a.get("docs", {}).get(PPL_TASK) or {}, b.get("docs", {}).get(PPL_TASK) or {}
+    shared = sorted(set(pa) & set(pb), key=int)
+    if len(shared) >= 2:
+        num = [(-pb[i][0] + pa[i][0]) / math.log(2) for i in shared]
+        iv = ratio_of_sums(num, [pa[i][1] for i in shared], iters=iters)
+        out["bits_per_byte"] = iv.to_dict() | {"verdict": verdict(iv, higher_is_better=False)}
+    return out
+
+
+def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dict[str, Any]]:
+    """Every (ours, baseline) and (ours, peer) pair at the same nominal setting, as ``ours - other``."""
+    tasks = informative_tasks(records)
+    by = {(r["cell"]["policy"], _setting(r)): r for r in records}
+    out = []
+    for r in records:
+        pol = r["cell"]["policy"]
+        if POLICIES.get(pol, ("",))[0] != "ours":
+            continue
+        others = [("baseline", BASELINE_OF[pol])] if pol in BASELINE_OF else []
+        others += [("peer", p) for p in PEERS_OF.get(pol, ())]
+        for kind, other in others:
+            o = by.get((other, _setting(r)))
+            if o is None:
+                continue
+            d = paired(o, r, tasks, iters=iters)
+            d.update(kind=kind, ours=r["cell_id"], other=o["cell_id"], setting=r["setting"],
+                     kv_ratio_ours=r["summary"].get("kv_ratio"), kv_ratio_other=o["summary"].get("kv_ratio"))
+            out.append(d)
+    return out
+
+
+def fmt(iv: dict[str, Any] | Interval | None, nd: int = 3) -> str:
+    """``0.412 [0.371, 0.455]``, or a dash."""
+    if iv is None:
+        return "—"
+    d = iv.to_dict() if isinstance(iv, Interval) else iv
+    return f"{d['mean']:.{nd}f} [{d['low']:.{nd}f}, {d['high']:.{nd}f}]"
+
+
+def fmt_diff(iv: dict[str, Any] | None, nd: int = 3) -> str:
+    if iv is None:
+        return "—"
+    mark = {"win": " **win**", "loss": " **loss**", "tie": ""}.get(iv.get("verdict", "tie"), "")
+    return f"{iv['mean']:+.{nd}f} [{iv['low']:+.{nd}f}, {iv['high']:+.{nd}f}]{mark}"
+
 
 _SHORT = {
     "sinkcache_passkey": "passkey",
@@ -27,56 +148,117 @@ def _mib(n: Any) -> str:
     return "—" if not n else f"{n / 2**20:.2f}"
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    """The markdown table: one row per cell."""
+def table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]] | None = None) -> str:
+    """The markdown table: one row per cell, with 95% intervals where per-document scores exist."""
+    intervals = intervals or {}
     head = (
-        "| group | policy | setting (nominal) | KV % of full (measured) | mean KV MiB / full | suite score | "
+        "| group | policy | setting (nominal) | KV % of full (measured) | KV % attended (ppl) | mean KV MiB / full | "
+        "suite score [95% CI] | "
         + " | ".join(_SHORT[t] for t in ACCURACY_METRICS)
-        + " | ppl bits/byte | wall s | peak RSS MiB |"
+        + " | ppl bits/byte [95% CI] | docs/task | wall s | peak RSS MiB |"
     )
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [head, sep]
     for r in records:
         s = r["summary"]
+        iv = intervals.get(r["cell_id"], {})
         rss = r.get("peak_rss_bytes") or 0
         worker = r.get("peer_worker_peak_rss_bytes")
         rss_txt = f"{rss / 2**20:.0f}" + (f" + {worker / 2**20:.0f} (kvpress venv)" if worker else "")
         per = [_f(s["per_task"].get(t), 2) if t in s["per_task"] else "—" for t in ACCURACY_METRICS]
+        suite = fmt(iv["suite"]) if iv.get("suite") else _f(s.get("suite_score"))
+        ppl = fmt(iv["bits_per_byte"]) if iv.get("bits_per_byte") else _f(s.get("bits_per_byte"))
+        n_docs = sorted(set((r.get("n_docs") or {}).values()))
+        att = s.get("ppl_attended_kv_ratio")
         rows.append(
             f"| {r['group']} | {r['cell']['policy']} | {r['setting']} | {_f(100 * s['kv_ratio'] if s.get('kv_ratio') is not None else None, 1)} | "
-            f"{_mib(s.get('mean_kv_bytes'))} / {_mib(s.get('mean_full_kv_bytes'))} | {_f(s.get('suite_score'))} | "
+            f"{_f(100 * att if att is not None else None, 1)} | "
+            f"{_mib(s.get('mean_kv_bytes'))} / {_mib(s.get('mean_full_kv_bytes'))} | {suite} | "
             + " | ".join(per)
-            + f" | {_f(s.get('bits_per_byte'))} | {r['time_s']['wall']:.0f} | {rss_txt} |"
+            + f" | {ppl} | {'–'.join(map(str, n_docs)) or '?'} | {r['time_s']['wall']:.0f} | {rss_txt} |"
         )
     return "\n".join(rows)
 
 
-def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def pairs_table(comps: list[dict[str, Any]]) -> str:
+    """Paired differences ``ours - other`` at the same nominal setting."""
+    rows = [
+        "| ours | vs | kind | setting | KV % ours / other | Δ suite score [95% CI] | Δ bits/byte [95% CI] (lower is better) | docs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in comps:
+        kv = f"{_f(100 * (d.get('kv_ratio_ours') or 0), 1)} / {_f(100 * (d.get('kv_ratio_other') or 0), 1)}"
+        n = sum((d.get("n_docs") or {}).values())
+        rows.append(
+            f"| {d['ours']} | {d['other']} | {d['kind']} | {d['setting']} | {kv} | {fmt_diff(d.get('suite'))} | "
+            f"{fmt_diff(d.get('bits_per_byte'), 4)} | {n} |"
+        )
+    return "\n".join(rows)
+
+
+def analyse(records: list[dict[str, Any]], *, iters: int = 2000) -> dict[str, Any]:
+    """Intervals per cell and the paired comparisons (what results.md/json report)."""
+    tasks = informative_tasks(records)
+    return {
+        "suite_tasks": tasks,
+        # tasks that ran but on which the full cache scored 0 (tasks that did not run are just absent)
+        "excluded_tasks": [t for t in ACCURACY_METRICS if t not in tasks and any(r.get("docs", {}).get(t) for r in records)],
+        "intervals": {r["cell_id"]: cell_intervals(r, tasks, iters=iters) for r in records if r.get("docs")},
+        "comparisons": comparisons([r for r in records if r.get("docs")], iters=iters),
+        "bootstrap": {"iters": iters, "level": 0.95, "seed": 0, "resampled": "documents, within each task"},
+    }
+
+
+def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any], analysis: dict[str, Any] | None = None) -> str:
+    analysis = analysis or analyse(records)
     desc = "\n".join(f"| `{p}` | {g} | {d} |" for p, (g, _k, d) in POLICIES.items() if any(r["cell"]["policy"] == p for r in records))
+    excluded = analysis.get("excluded_tasks") or []
+    fork = next((r["fork"] for r in records if r.get("fork")), None)
     lines = [
         f"# `sinkcache compare` — {model}",
         "",
         f"Command: `{meta.get('command', '')}`",
         "",
         f"Offline suite (`sinkcache_suite`), `--limit {meta.get('limit')}` documents per task, seed {meta.get('seed')}, "
-        f"CPU, 1 thread per cell, fp32 model (so the full KV cache is fp32). Cells finished: {len(records)}"
+        f"CPU, 1 thread per process, fp32 model (so the full KV cache is fp32). Cells finished: {len(records)}"
         + (f" of {meta['planned']}" if meta.get("planned") else "")
         + ".",
         "",
+    ]
+    if fork:
+        lines += [
+            f"The {fork['members']} in-package cells ran from one shared prefill per request (`ForkLM`; identical "
+            f"per-document scores to separate runs, `tests/test_fork.py`), documents dealt over {fork['shards']} "
+            f"processes: **grid wall time {fork['group_wall_s'] / 60:.1f} min** ({fork['prefills']} shared prefills, "
+            f"{fork['shared_prefill_s'] / 60:.1f} CPU-min of them).",
+            "",
+        ]
+    lines += [
         "* **setting**: eviction-type policies keep a fraction of *each request's* tokens (budget = that fraction "
         "of the prefilled context, or of the whole text for perplexity; kvpress `compression_ratio` = 1 - fraction); "
         "quantizers use the bit width.",
         "* **KV % of full (measured)**: mean over requests of bytes held (`memory_bytes()` for sinkcache; the real "
         "tensors for the peers: quanto/HQQ packed data + scales + residual fp window, kvpress's DynamicCache) "
         "divided by what an uncompressed cache holds for the same tokens, measured after each request "
-        "(including the scored continuation / generated tokens).",
-        "* **suite score**: mean of the six accuracy tasks (exact match; `acc` for facts). **ppl**: docstring "
-        "streaming perplexity in bits/byte (lower is better; kvpress presses compress only at prefill, so they "
-        "have no streaming-perplexity number).",
-        "* **peak RSS**: the cell's process (model + lm-eval + cache); for kvpress, plus its worker process in the "
+        "(including the scored continuation / generated tokens). **KV % attended (ppl)**: for streaming "
+        "perplexity, the mean share of the full cache that a scored token attended (the end state understates it).",
+        "* **suite score**: mean over the accuracy tasks of each task's accuracy (exact match; `acc` for facts), with a "
+        "95% percentile-bootstrap interval over documents (resampled within each task, "
+        f"{analysis['bootstrap']['iters']} resamples)"
+        + (f"; left out of the score because the full cache scores 0 on them: {', '.join(_SHORT.get(t, t) for t in excluded)}" if excluded else "")
+        + ". **ppl**: docstring streaming perplexity in bits/byte (lower is better; kvpress presses compress only at "
+        "prefill, so they have no streaming-perplexity number).",
+        "* **peak RSS**: the process (model + lm-eval + caches); for kvpress, plus its worker process in the "
         "kvpress virtualenv (which holds a second copy of the model).",
         "",
-        table(records),
+        table(records, analysis.get("intervals")),
+        "",
+        "## Paired differences at matched settings",
+        "",
+        "`ours - other` over the documents both cells scored; **win**/**loss** only where the 95% interval excludes 0 "
+        "(otherwise the difference is not resolved at this many documents).",
+        "",
+        pairs_table(analysis.get("comparisons") or []),
         "",
         "| policy | group | what |",
         "|---|---|---|",
@@ -138,8 +320,9 @@ def write_results(out_dir: str | Path, model: str, records: list[dict[str, Any]]
     """Rewrite results.json, results.md and the plot from ``records``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    analysis = analyse(records)
     slim = [{k: v for k, v in r.items() if k not in ("scores",)} | {"scores": r.get("scores", {})} for r in records]
-    (out / "results.json").write_text(json.dumps({"model": model, "meta": meta, "cells": slim}, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(model, records, meta))
+    (out / "results.json").write_text(json.dumps({"model": model, "meta": meta, "analysis": analysis, "cells": slim}, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(model, records, meta, analysis))
     if with_plot and records:
         plot(model, records, out / "accuracy_vs_kv_memory.png")

@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from .cell import record_from_parts
 from .plan import Cell, code_fingerprint, run_key
 
 
@@ -54,17 +56,31 @@ def load_done(
     return done
 
 
-def _subprocess_runner(spec_path: Path, out_path: Path, log_path: Path) -> int:
+def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def _subprocess_runner(spec_path: Path, out_path: Path, log_path: Path) -> int:
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "sinkcache.compare.cell", str(spec_path), str(out_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=_env(),
         )
     return proc.returncode
+
+
+@dataclass
+class _Job:
+    """One process: a single cell, or one shard of documents of the fork group."""
+
+    name: str
+    spec: dict[str, Any]
+    out: Path
+    cells: list[Cell]
 
 
 def run_sweep(
@@ -75,19 +91,22 @@ def run_sweep(
     limit: int | None,
     seed: int = 0,
     jobs: int = 1,
+    fork: bool = True,
     runner: Callable[[Path, Path, Path], int] | None = None,
     on_update: Callable[[list[dict[str, Any]]], None] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the cells not finished yet; returns ``{"done": [...records], "failed": [...], "skipped": n}``.
 
-    ``jobs`` cells run at once (each in its own single-threaded process). ``runner(spec, out, log)``
-    runs one cell (default: ``python -m sinkcache.compare.cell``); ``on_update(records)`` is called
-    after every finished cell with all records so far (to rewrite the tables and plot).
+    ``fork``: the in-package cells (ours and the in-package baselines) run together from one
+    prefill per request (:class:`~sinkcache.fork_lm.ForkLM`), their documents dealt over ``jobs``
+    processes; each peer cell runs alone. ``jobs`` processes run at once (single-threaded each).
+    ``runner(spec, out, log)`` runs one process (default: ``python -m sinkcache.compare.cell``);
+    ``on_update(records)`` is called after every finished cell with all records so far.
     """
     out = Path(out_dir)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for sub in ("cells", "logs", "parts"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     run = runner or _subprocess_runner
     cells = interleave(cells)
     code = code_fingerprint()
@@ -97,55 +116,119 @@ def run_sweep(
     records = [done[c.cell_id] for c in cells if c.cell_id in done]
     if on_update is not None and records:
         on_update(records)
+    base: dict[str, Any] = {"model": model, "limit": limit, "seed": seed, "code": code, "threads": 1}
+    key = {c.cell_id: run_key(model, limit, seed, c, code=code) for c in cells}
+
+    from .cell import forkable
+
+    group = [c for c in todo if fork and forkable(c)]
+    if len(group) < 2:
+        group = []  # nothing to share
+    job_list: list[_Job] = []
+    shards = max(1, int(jobs))
+    for k in range(shards if group else 0):
+        keys = [key[c.cell_id] for c in group]
+        spec = dict(base, cells=[c.to_dict() for c in group], keys=keys, shard=k, shards=shards)
+        job_list.append(_Job(f"fork_{k + 1}of{shards}", spec, out / "parts" / f"fork_{k + 1}of{shards}.json", group))
+    for c in todo:
+        if c in group:
+            continue
+        spec = dict(base, cell=c.to_dict(), key=key[c.cell_id], log=str((out / "logs" / f"{c.cell_id}.peer.log").resolve()))
+        job_list.append(_Job(c.cell_id, spec, out / "cells" / f"{c.cell_id}.json", [c]))
+
     bar = tqdm(total=len(todo), desc=f"compare {model}", unit="cell", disable=not progress, dynamic_ncols=True)
     if done and progress:
         bar.write(f"resuming: {len(done)} of {len(cells)} cells already finished in {out / 'cells'}")
+    if group and progress:
+        bar.write(f"{len(group)} in-package cells share one prefill per request, documents over {shards} process(es)")
+    shard_out: dict[str, dict[str, Any]] = {}
 
-    def spec_for(c: Cell) -> tuple[Path, Path, Path]:
-        spec = {
-            "cell": c.to_dict(),
-            "model": model,
-            "limit": limit,
-            "seed": seed,
-            "key": run_key(model, limit, seed, c, code=code),
-            "code": code,
-            "threads": 1,
-            "log": str((out / "logs" / f"{c.cell_id}.peer.log").resolve()),
-        }
-        spec_path = out / "logs" / f"{c.cell_id}.spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-        return spec_path, out / "cells" / f"{c.cell_id}.json", out / "logs" / f"{c.cell_id}.log"
+    def reusable_part(job: _Job) -> bool:
+        if not job.out.exists() or "cells" not in job.spec:
+            return False
+        try:
+            return json.loads(job.out.read_text()).get("keys") == job.spec["keys"]
+        except (OSError, ValueError):
+            return False
 
-    def finish(c: Cell, rc: int, cell_out: Path, log: Path) -> None:
-        if rc == 0 and cell_out.exists():
-            rec = json.loads(cell_out.read_text())
-            records.append(rec)
-            s = rec.get("summary", {})
-            score = s.get("suite_score")
-            bar.set_postfix_str(
-                f"{c.cell_id}: score {score if score is None else round(score, 3)}, KV {100 * (s.get('kv_ratio') or 0):.1f}%"
-            )
-            if on_update is not None:
-                on_update(records)
-        else:
-            failed.append({"cell_id": c.cell_id, "returncode": rc, "log": str(log)})
-            bar.write(f"cell {c.cell_id} failed (status {rc}); see {log}")
+    def add(rec: dict[str, Any], c: Cell) -> None:
+        records.append(rec)
+        s = rec.get("summary", {})
+        score = s.get("suite_score")
+        bar.set_postfix_str(f"{c.cell_id}: score {score if score is None else round(score, 3)}, KV {100 * (s.get('kv_ratio') or 0):.1f}%")
         bar.update(1)
 
+    def finish_group() -> None:
+        shard_recs = [shard_out[j.name] for j in job_list if "cells" in j.spec]
+        for c in group:
+            parts = [r["parts"][c.cell_id] for r in shard_recs]
+            member_s = sum(r["timing"]["member_s"][c.cell_id] for r in shard_recs)
+            rec = record_from_parts(
+                c, parts,
+                time_s={"wall": round(member_s, 2), "note": "this cell's own compute; the shared prefill is in fork"},
+                fork={
+                    "members": len(group), "shards": len(shard_recs),
+                    "group_wall_s": max(r["timing"]["wall_s"] for r in shard_recs),
+                    "shared_prefill_s": round(sum(r["timing"]["shared_prefill_s"] for r in shard_recs), 2),
+                    "prefills": sum(r["timing"]["prefills"] for r in shard_recs),
+                },
+                peak_rss_bytes=max(r["peak_rss_bytes"] for r in shard_recs),
+                peer_worker_peak_rss_bytes=None,
+                num_threads=shard_recs[0]["num_threads"],
+                versions=shard_recs[0]["versions"],
+                key=key[c.cell_id], code=code, limit=limit, seed=seed, model=model,
+            )
+            dst = out / "cells" / f"{c.cell_id}.json"
+            tmp = dst.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec, indent=1) + "\n")
+            tmp.replace(dst)
+            add(rec, c)
+        if on_update is not None:
+            on_update(records)
+
+    def finish(job: _Job, rc: int) -> None:
+        log = out / "logs" / f"{job.name}.log"
+        if rc != 0 or not job.out.exists():
+            failed.extend({"cell_id": c.cell_id, "returncode": rc, "log": str(log)} for c in job.cells)
+            bar.write(f"{job.name} failed (status {rc}); see {log}")
+            if "cells" not in job.spec:
+                bar.update(1)
+            return
+        rec = json.loads(job.out.read_text())
+        if "cells" in job.spec:
+            shard_out[job.name] = rec
+            if all(j.name in shard_out for j in job_list if "cells" in j.spec):
+                finish_group()
+        else:
+            add(rec, job.cells[0])
+            if on_update is not None:
+                on_update(records)
+
+    pending: list[_Job] = []
+    for job in job_list:
+        if reusable_part(job):
+            if progress:
+                bar.write(f"{job.name}: reusing finished shard {job.out}")
+            finish(job, 0)
+        else:
+            pending.append(job)
+
+    def spec_for(job: _Job) -> tuple[Path, Path, Path]:
+        spec_path = out / "logs" / f"{job.name}.spec.json"
+        spec_path.write_text(json.dumps(job.spec, indent=1) + "\n")
+        return spec_path, job.out, out / "logs" / f"{job.name}.log"
+
     if jobs <= 1 or runner is not None:
-        for c in todo:
-            spec_path, cell_out, log = spec_for(c)
-            bar.set_description(f"compare {model}: {c.cell_id}")
-            finish(c, run(spec_path, cell_out, log), cell_out, log)
+        for job in pending:
+            bar.set_description(f"compare {model}: {job.name}")
+            sp, jo, lg = spec_for(job)
+            finish(job, run(sp, jo, lg))
     else:
-        pending = list(todo)
-        active: list[tuple[Cell, subprocess.Popen, Path, Path, Any]] = []  # cell, process, out, log, log file
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
-        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        active: list[tuple[_Job, subprocess.Popen, Any]] = []
         try:
-            _run_parallel(pending, active, jobs, spec_for, finish, env)
-        finally:  # interrupted: stop the cells still running (they are rerun on resume)
-            for _c, proc, _o, _l, fh in active:
+            _run_parallel(pending, active, jobs, spec_for, finish)
+        finally:  # interrupted: stop the processes still running (they are rerun on resume)
+            for _j, proc, fh in active:
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait()
@@ -156,24 +239,25 @@ def run_sweep(
     return {"done": records, "failed": failed, "skipped": len(done)}
 
 
-def _run_parallel(pending, active, jobs, spec_for, finish, env) -> None:
-    """Keep ``jobs`` cell processes running until ``pending`` is empty and all have finished."""
+def _run_parallel(pending, active, jobs, spec_for, finish) -> None:
+    """Keep ``jobs`` processes running until ``pending`` is empty and all have finished."""
+    env = _env()
     while pending or active:
         while pending and len(active) < jobs:
-            c = pending.pop(0)
-            spec_path, cell_out, log = spec_for(c)
+            job = pending.pop(0)
+            spec_path, job_out, log = spec_for(job)
             fh = open(log, "w")  # noqa: SIM115
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sinkcache.compare.cell", str(spec_path), str(cell_out)],
+                [sys.executable, "-m", "sinkcache.compare.cell", str(spec_path), str(job_out)],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-            active.append((c, proc, cell_out, log, fh))
+            active.append((job, proc, fh))
         time.sleep(1.0)
         for item in list(active):
-            c, proc, cell_out, log, fh = item
+            job, proc, fh = item
             if proc.poll() is not None:
                 fh.close()
                 active.remove(item)
-                finish(c, proc.returncode, cell_out, log)
+                finish(job, proc.returncode)

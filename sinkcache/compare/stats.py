@@ -7,7 +7,7 @@ win or a loss only when its interval excludes zero (:func:`verdict`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -71,3 +71,64 @@ def verdict(diff: Interval, *, higher_is_better: bool) -> str:
         return "tie"
     better = diff.mean > 0 if higher_is_better else diff.mean < 0
     return "win" if better else "loss"
+
+
+def _check(iters: int, level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95")
+    if iters < 100:
+        raise ValueError(f"iters={iters!r} is too few for a percentile interval; use >= 100")
+
+
+def _percentiles(stats: torch.Tensor, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(stats, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return float(lo), float(hi)
+
+
+def stratified_mean(
+    per_task: Mapping[str, Sequence[float]], *, iters: int = 10_000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """Interval of a suite score, the mean over tasks of each task's mean over its documents.
+
+    Documents are resampled within each task (a task never borrows another's documents), so the
+    interval reflects how many documents each task has. ``n`` is the total number of documents.
+    Pass per-document differences of two cells to get a paired interval of their suite difference
+    (the suite score is linear in the documents' values).
+    """
+    _check(iters, level)
+    tasks = [t for t, v in per_task.items() if len(v)]
+    if not tasks:
+        raise ValueError("no documents")
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(iters, dtype=torch.float64)
+    point, n = 0.0, 0
+    for t in tasks:
+        x = torch.as_tensor(list(per_task[t]), dtype=torch.float64)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"task {t}: values contain NaN or inf")
+        idx = torch.randint(0, x.numel(), (iters, x.numel()), generator=gen)
+        total += x[idx].mean(dim=1)
+        point += float(x.mean())
+        n += x.numel()
+    if n < 2:
+        raise ValueError(f"need >= 2 documents for an interval, got {n}")
+    lo, hi = _percentiles(total / len(tasks), level)
+    return Interval(point / len(tasks), lo, hi, n, level, iters)
+
+
+def ratio_of_sums(
+    num: Sequence[float], den: Sequence[float], *, iters: int = 10_000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """Interval of ``sum(num) / sum(den)`` with documents resampled in pairs (e.g. bits per byte:
+    ``num`` = a document's negative log2-likelihood, ``den`` = its bytes). With ``num`` the
+    per-document difference of two cells on the same texts, it is the paired bits/byte difference."""
+    _check(iters, level)
+    a = torch.as_tensor(list(num), dtype=torch.float64)
+    b = torch.as_tensor(list(den), dtype=torch.float64)
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"need >= 2 paired (num, den) values, got {a.numel()} and {b.numel()}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, a.numel(), (iters, a.numel()), generator=gen)
+    lo, hi = _percentiles(a[idx].sum(1) / b[idx].sum(1), level)
+    return Interval(float(a.sum() / b.sum()), lo, hi, int(a.numel()), level, iters)

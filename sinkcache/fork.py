@@ -1,0 +1,123 @@
+"""Prefill once, fork into many caches: score N policies from one forward over the prompt.
+
+Every in-package policy attends the prompt at full precision and compresses one forward later
+(:meth:`~sinkcache.layers.CompressingLayer.compress`), so the prompt's forward is the same for all
+of them. :class:`SharedPrefill` runs that forward once through a *recording* cache (it keeps the
+full-precision keys/values, the token context and, when asked, what ``sinks="auto"`` measures in
+that forward), and :meth:`SharedPrefill.fork_into` loads the recording into a fresh
+:class:`~sinkcache.SinkCache` of any policy, exactly as if that cache had run the forward itself.
+The fork then compresses, scores and generates on its own.
+
+Equality with running each policy alone is a tested property (``tests/test_fork.py``): same
+loglikelihoods and same generated tokens. This is evaluation tooling; ``import sinkcache`` does not
+load it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .cache import SinkCache
+from .detect import AutoSinks
+from .layers import CompressingLayer, QuantizedLayer
+from .policies import QuantizePolicy
+from .sinks import NoSinks
+
+__all__ = ["SharedPrefill", "detector_config"]
+
+
+def detector_config(sel: Any) -> tuple | None:
+    """What an :class:`~sinkcache.detect.AutoSinks` measures depends on (not ``max_sinks``: the
+    layers apply that cap when they mark). ``None`` for selectors that measure nothing."""
+    if not isinstance(sel, AutoSinks):
+        return None
+    punct = None if sel.punct_ids is None else tuple(int(i) for i in sel.punct_ids.tolist())
+    return (sel.n_first, sel.threshold, sel.obs_window, sel.context, sel.bank_size, sel.min_ratio, punct)
+
+
+class SharedPrefill:
+    """One prompt forward recorded for many caches.
+
+    Args:
+        model: the model the forks will run with.
+        detector: an :class:`~sinkcache.detect.AutoSinks` configured like the forks' (its
+            measurements are copied into every fork whose selector has the same
+            :func:`detector_config`); ``None`` when no fork uses ``sinks="auto"``.
+
+    Usage::
+
+        shared = SharedPrefill(model, detector=AutoSinks(...))
+        model(input_ids=ids, attention_mask=mask, past_key_values=shared.cache, use_cache=True)
+        for options in policies:
+            cache = SinkCache(**options, model=model, tokenizer=tok)
+            shared.fork_into(cache)   # as if ``cache`` had run that forward
+            cache.compress()
+    """
+
+    def __init__(self, model: Any, *, detector: AutoSinks | None = None) -> None:
+        sel = detector if detector is not None else NoSinks()
+        # A quantizing cache that never compresses before fork_into: its layers hold the forward's
+        # keys/values exactly (window + nothing flushed) and give the detector its hooks.
+        self.cache = SinkCache(QuantizePolicy(bits=8), sinks=sel, model=model)
+        self.cache.ctx.keep_ids = True  # forks with id-based selectors (punct, profile) need them
+        self.detector = detector
+        self._config = detector_config(detector)
+
+    def close(self) -> None:
+        """Remove the recording cache's hooks from the model."""
+        self.cache.detach()
+
+    def fork_into(self, cache: SinkCache) -> SinkCache:
+        """Load the recorded forward into ``cache`` (fresh, built for the same model); returns it.
+
+        ``cache`` holds exactly what it would hold had it run the forward itself: the full-precision
+        keys/values pending compression, the token context, and the detector's measurements.
+        """
+        rec = self.cache
+        if rec.get_seq_length() == 0:
+            raise ValueError("nothing recorded: run the prompt's forward with past_key_values=shared.cache first")
+        if cache.get_seq_length() != 0:
+            raise ValueError(f"fork_into needs a fresh cache; this one has seen {cache.get_seq_length()} tokens")
+        if len(cache.layers) not in (0, len(rec.layers)):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the recorded forward {len(rec.layers)}")
+        sel_cfg = detector_config(cache.sink_selector)
+        if sel_cfg is not None and sel_cfg != self._config:
+            raise ValueError(
+                f"the fork's sink detector is configured {sel_cfg}, the recorded one {self._config}: "
+                "its measurements would differ (build SharedPrefill with the same detector settings)"
+            )
+        # Token context first: layers read padding (and the shifted-position layer reads it in update).
+        cache.ctx.pad = None if rec.ctx.pad is None else rec.ctx.pad.clone()
+        if cache.ctx.keep_ids and rec.ctx.ids is not None:
+            cache.ctx.ids = rec.ctx.ids.clone()
+        if sel_cfg is not None:
+            # Deep copy: decoding adds to these measurements in place.
+            cache.sink_selector.state = copy.deepcopy(self.detector.state)  # type: ignore[union-attr,attr-defined]
+        for i, layer in enumerate(rec.layers):
+            if isinstance(layer, QuantizedLayer):
+                cache.update(layer.win_k, layer.win_v, i)  # new tensors: the fork never aliases the recording
+            elif isinstance(layer, CompressingLayer):  # pragma: no cover - the recorder only builds QuantizedLayer
+                raise TypeError(f"unexpected recording layer {type(layer).__name__}")
+            else:
+                # A sliding layer (kept as transformers' layer by every policy): it already holds what
+                # it keeps; its update never writes in place, so a shallow copy is independent.
+                if i < len(cache.layers):
+                    cache.layers[i] = copy.copy(layer)
+                else:
+                    cache.layers.append(copy.copy(layer))
+        return cache
+
+    def matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
+        """Whether the recorded forward saw ``input_ids`` ``[B, T]`` (and the padding of ``attention_mask``)."""
+        ctx = self.cache.ctx
+        ids = ctx.ids
+        if ids is None or ids.shape != input_ids.shape or not bool(torch.equal(ids.to(input_ids.device), input_ids)):
+            return False
+        if attention_mask is not None:
+            pad = (attention_mask.to(torch.long).cumsum(-1) == 0).sum(-1)
+            rec = ctx.pad if ctx.pad is not None else torch.zeros_like(pad)
+            return bool(torch.equal(rec.to(pad.device), pad))
+        return True

@@ -1,0 +1,53 @@
+"""results.md/json: intervals per cell, paired differences at matched settings, verdicts."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from sinkcache.compare.plan import Cell
+from sinkcache.compare.report import analyse, comparisons, informative_tasks, write_results
+
+PK, VT = "sinkcache_passkey", "sinkcache_variable_tracking"
+
+
+def _rec(cell: Cell, pk: list[float], vt: list[float], kv: float = 0.2) -> dict:
+    docs = {PK: {str(i): v for i, v in enumerate(pk)}, VT: {str(i): v for i, v in enumerate(vt)}}
+    summary = {"per_task": {PK: sum(pk) / len(pk), VT: sum(vt) / len(vt)}, "suite_score": None, "bits_per_byte": None,
+               "kv_ratio": kv, "mean_kv_bytes": 1.0, "mean_full_kv_bytes": 5.0}
+    return {"cell": cell.to_dict(), "cell_id": cell.cell_id, "group": cell.group, "setting": cell.setting, "docs": docs,
+            "n_docs": {PK: len(pk), VT: len(vt)}, "summary": summary, "scores": {}, "memory": {}, "time_s": {"wall": 1.0}}
+
+
+def _grid(n=60):
+    rng = random.Random(0)
+    full = _rec(Cell("full"), [1.0] * n, [0.0] * n, kv=1.0)
+    kivi = _rec(Cell("kivi", bits=2), [float(rng.random() < 0.3) for _ in range(n)], [0.0] * n)
+    ours = _rec(Cell("sink-quant", bits=2), [1.0 if kivi["docs"][PK][str(i)] else float(rng.random() < 0.6) for i in range(n)], [0.0] * n)
+    same = _rec(Cell("hf-quanto", bits=2), list(ours["docs"][PK].values()), [0.0] * n)
+    return [full, kivi, ours, same]
+
+
+def test_tasks_the_full_cache_fails_are_left_out_of_the_score():
+    assert informative_tasks(_grid()) == [PK]
+
+
+def test_pairs_are_ours_against_baseline_and_peer_at_the_same_setting():
+    comps = comparisons(_grid(), iters=500)
+    assert [(c["ours"], c["other"], c["kind"]) for c in comps] == [("sink-quant_2bit", "kivi_2bit", "baseline"), ("sink-quant_2bit", "hf-quanto_2bit", "peer")]
+    base, peer = comps
+    assert base["suite"]["verdict"] == "win" and base["suite"]["low"] > 0  # ours never worse, often better
+    assert peer["suite"]["mean"] == 0 and peer["suite"]["verdict"] == "tie"  # identical documents
+    assert base["n_docs"] == {PK: 60}
+
+
+def test_results_report_intervals_and_verdicts(tmp_path):
+    recs = _grid()
+    write_results(tmp_path, "tiny", recs, {"limit": 60, "seed": 0, "command": "x"}, with_plot=False)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Paired differences at matched settings" in md and "**win**" in md
+    assert "left out of the score because the full cache scores 0 on them: vt" in md
+    data = json.loads((tmp_path / "results.json").read_text())
+    iv = data["analysis"]["intervals"]["kivi_2bit"]["suite"]
+    assert iv["low"] <= iv["mean"] <= iv["high"] and iv["n"] == 60
+    assert analyse(recs, iters=200)["excluded_tasks"] == [VT]
