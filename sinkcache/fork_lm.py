@@ -142,25 +142,30 @@ class ForkLM(SinkCacheLM):
         self.timing["prefills"] += 1
         return shared
 
+    def _fan_out(self, ids: torch.Tensor, mask: torch.Tensor, call: Callable[[SinkCacheLM], Any]) -> dict[str, Any]:
+        """``call(member)`` for every member, each prefilling from one recorded forward of ``ids``
+        ``[B, T]`` (a member's own ``_prefill`` loads the fork; nothing to share when ``T == 0``)."""
+        shared = self._shared_prefill(ids, mask)
+
+        def run(m):
+            m._shared = shared if ids.shape[1] else None
+            try:
+                return call(m)
+            finally:
+                m._shared = None
+
+        try:
+            return self._for_members(run)
+        finally:
+            shared.close()
+
     # ---- loglikelihood ----------------------------------------------------------------------------
     def _score_batch(self, contexts, rows):
         keys = [("ll", tuple(contexts[g]), tuple(cont)) for g, (_, _, cont) in rows]
         if self.replaying:
             return [self._lookup(k) for k in keys]
         ids, mask = self._prompt_batch(contexts)
-        shared = self._shared_prefill(ids, mask)
-
-        def run(m):
-            m._shared = shared if ids.shape[1] else None
-            try:
-                return m._score_batch(contexts, rows)
-            finally:
-                m._shared = None
-
-        try:
-            outs = self._for_members(run)
-        finally:
-            shared.close()
+        outs = self._fan_out(ids, mask, lambda m: m._score_batch(contexts, rows))
         for name, res in outs.items():
             self.answers[name].update(zip(keys, res, strict=True))
         return outs[self.current]
@@ -183,19 +188,7 @@ class ForkLM(SinkCacheLM):
         key = ("gen", tuple(map(tuple, context.tolist())), tuple(map(tuple, mask.tolist())), int(max_length), tuple(stop or ()))
         if self.replaying:
             return self._lookup(key).to(context.device)
-        shared = self._shared_prefill(context[:, :-1], mask[:, :-1])
-
-        def run(m):
-            m._shared = shared if context.shape[1] > 1 else None
-            try:
-                return m._model_generate(context, max_length, stop, **dict(generation_kwargs))
-            finally:
-                m._shared = None
-
-        try:
-            outs = self._for_members(run)
-        finally:
-            shared.close()
+        outs = self._fan_out(context[:, :-1], mask[:, :-1], lambda m: m._model_generate(context, max_length, stop, **dict(generation_kwargs)))
         for name, res in outs.items():
             self.answers[name][key] = res.detach().cpu()
         return outs[self.current]

@@ -111,24 +111,12 @@ def shard_samples(tasks: list[str] | tuple[str, ...], limit: int | None, shard: 
 
 
 def _evaluate(lm: Any, tasks: list[str], samples: dict[str, list[int]], seed: int) -> dict[str, Any]:
-    import lm_eval
+    from ..evaluation import _simple_evaluate, task_manager
 
-    from ..evaluation import task_manager
-
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        batch_size=1,
-        device="cpu",
-        samples=samples,
-        log_samples=True,
+    return _simple_evaluate(
+        lm, tasks, samples=samples, num_fewshot=None, batch_size=1, limit=None,
         task_manager=task_manager(include_defaults=False),  # the suite only: skips indexing ~15k tasks
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=0,
-        verbosity="ERROR",
+        log_samples=True, apply_chat_template=False, seed=seed, bootstrap_iters=0, progress=False,
     ) or {}
 
 
