@@ -317,7 +317,35 @@ def _fake_record(spec: dict, score: float) -> dict:
     summary = {"per_task": {t: score for t in ("sinkcache_passkey",)}, "suite_score": score, "bits_per_byte": 1.0 + (1 - ratio),
                "kv_ratio": ratio, "mean_kv_bytes": 1000 * ratio, "mean_full_kv_bytes": 1000.0}
     return {"key": spec["key"], "cell": spec["cell"], "cell_id": cell.cell_id, "group": cell.group, "setting": cell.setting,
-            "summary": summary, "scores": {}, "memory": {}, "time_s": {"wall": 1.0}, "peak_rss_bytes": 2**20}
+            "summary": summary, "scores": {}, "memory": {}, "time_s": {"wall": 1.0}, "peak_rss_bytes": 2**20,
+            "model": spec.get("model"), "limit": spec.get("limit"), "code": spec.get("code"),
+            "docs": {"sinkcache_passkey": {str(i): float(i % 2) for i in range(spec.get("limit") or 1)}}}
+
+
+def _fake_part(cell_id: str, shard: int, shards: int, limit: int) -> dict:
+    docs = {"sinkcache_passkey": {str(i): float((i + len(cell_id)) % 2) for i in range(shard, limit, shards)}}
+    return {"docs": docs, "lm_eval_scores": {}, "n_samples": {}, "cache_requested": {},
+            "kv": {"records": [["sinkcache_passkey", "generate_until", 10.0, 40.0]], "configs": [{"policy": cell_id}], "attended": []}}
+
+
+def _fake_runner(specs: list[dict]):
+    """A process runner that writes fork-shard parts and peer records without a model."""
+
+    def runner(spec_path: Path, out_path: Path, log_path: Path) -> int:
+        spec = json.loads(spec_path.read_text())
+        specs.append(spec)
+        if "cells" in spec:
+            ids = [Cell.from_dict(c).cell_id for c in spec["cells"]]
+            out_path.write_text(json.dumps({
+                "keys": spec["keys"], "parts": {i: _fake_part(i, spec["shard"], spec["shards"], spec["limit"]) for i in ids},
+                "timing": {"wall_s": 5.0, "shared_prefill_s": 1.0, "prefills": 3, "member_s": dict.fromkeys(ids, 1.0)},
+                "peak_rss_bytes": 1, "num_threads": 1, "versions": {},
+            }))
+        else:
+            out_path.write_text(json.dumps(_fake_record(spec, 0.5)))
+        return 0
+
+    return runner
 
 
 def test_sweep_resumes_and_writes_results(tmp_path):
@@ -371,25 +399,7 @@ def test_two_document_shards_give_the_single_process_record(model, tok):
 
 def test_sweep_forks_in_package_cells_and_runs_peers_alone(tmp_path):
     specs: list[dict] = []
-
-    def part(cell_id: str, shard: int) -> dict:
-        docs = {"sinkcache_passkey": {str(i): float((i + len(cell_id)) % 2) for i in range(shard, 6, 2)}}
-        return {"docs": docs, "lm_eval_scores": {}, "n_samples": {}, "cache_requested": {},
-                "kv": {"records": [["sinkcache_passkey", "generate_until", 10.0, 40.0]], "configs": [{"policy": cell_id}], "attended": []}}
-
-    def runner(spec_path: Path, out_path: Path, log_path: Path) -> int:
-        spec = json.loads(spec_path.read_text())
-        specs.append(spec)
-        if "cells" in spec:
-            ids = [Cell.from_dict(c).cell_id for c in spec["cells"]]
-            out_path.write_text(json.dumps({
-                "keys": spec["keys"], "parts": {i: part(i, spec["shard"]) for i in ids},
-                "timing": {"wall_s": 5.0, "shared_prefill_s": 1.0, "prefills": 3, "member_s": dict.fromkeys(ids, 1.0)},
-                "peak_rss_bytes": 1, "num_threads": 1, "versions": {},
-            }))
-        else:
-            out_path.write_text(json.dumps(_fake_record(spec, 0.5)))
-        return 0
+    runner = _fake_runner(specs)
 
     cells = plan(["full", "kivi", "sink-quant", "hf-quanto"], [50], [2], tasks=["sinkcache_passkey"])
     res = run_sweep("tiny", cells, tmp_path, limit=6, jobs=2, runner=runner, progress=False)
@@ -404,6 +414,51 @@ def test_sweep_forks_in_package_cells_and_runs_peers_alone(tmp_path):
     n = len(specs)
     res2 = run_sweep("tiny", cells, tmp_path, limit=6, jobs=2, runner=runner, progress=False)
     assert len(specs) == n and res2["skipped"] == 4  # everything reused
+
+
+def test_fork_shards_split_the_group_into_resumable_pieces(tmp_path):
+    specs: list[dict] = []
+    cells = plan(["full", "kivi"], [50], [2], tasks=["sinkcache_passkey"])
+    run_sweep("tiny", cells, tmp_path, limit=6, jobs=1, fork_shards=3, runner=_fake_runner(specs), progress=False)
+    assert [(s["shard"], s["shards"]) for s in specs] == [(0, 3), (1, 3), (2, 3)]
+    kivi = json.loads((tmp_path / "cells" / "kivi_2bit.json").read_text())
+    assert kivi["n_docs"] == {"sinkcache_passkey": 6} and kivi["fork"]["shard_wall_s"] == [5.0] * 3 and kivi["fork"]["jobs"] == 1
+    # an interrupted grid: two pieces finished, no cell written yet -> only the missing piece runs
+    (tmp_path / "parts" / "fork_2of3.json").unlink()
+    for c in cells:
+        (tmp_path / "cells" / f"{c.cell_id}.json").unlink()
+    specs.clear()
+    res = run_sweep("tiny", cells, tmp_path, limit=6, jobs=1, fork_shards=3, runner=_fake_runner(specs), progress=False)
+    assert [s["shard"] for s in specs] == [1] and len(res["done"]) == 2
+    with pytest.raises(ValueError, match="fork_shards=0"):
+        run_sweep("tiny", cells, tmp_path / "x", limit=6, fork_shards=0, runner=_fake_runner([]), progress=False)
+
+
+def test_report_covers_every_finished_cell_and_keeps_each_command(tmp_path):
+    from sinkcache.compare import run_compare
+
+    specs: list[dict] = []
+    common = dict(bits=[2], tasks=["sinkcache_passkey"], out_dir=tmp_path, runner=_fake_runner(specs), progress=False)
+    run_compare("tiny", policies=["full", "kivi", "sink-quant"], budgets=[50], limit=6, command="ours at 6", **common)
+    run_compare("tiny", policies=["hf-quanto"], budgets=[50], limit=4, command="peers at 4", **common)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [c["cell_id"] for c in data["cells"]] == ["full", "sink-quant_2bit", "kivi_2bit", "hf-quanto_2bit"]
+    assert [r["command"] for r in data["meta"]["runs"]] == ["ours at 6", "peers at 4"]
+    assert [r["limit"] for r in data["meta"]["runs"]] == [6, 4]
+    md = (tmp_path / "results.md").read_text()
+    assert "* `ours at 6`" in md and "* `peers at 4`" in md and "Documents per task: 6 (3 cells), 4 (1 cell)" in md
+    peer = [d for d in data["analysis"]["comparisons"] if d["other"] == "hf-quanto_2bit"]
+    assert len(peer) == 1  # the peer from the second sweep is paired with ours from the first
+    # --report-only: nothing runs, the same cells are reported, the command history is unchanged
+    n = len(specs)
+    res = run_compare("tiny", policies=["full"], budgets=[50], limit=6, command="report", report_only=True, **common)
+    assert len(specs) == n and res["reported"] == 4
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert [r["command"] for r in again["meta"]["runs"]] == ["ours at 6", "peers at 4"]
+    # a cell of another model in the same directory is not reported
+    other = dict(data["cells"][0], model="other", cell_id="kivi_4bit")
+    (tmp_path / "cells" / "kivi_4bit.json").write_text(json.dumps(other))
+    assert run_compare("tiny", policies=["full"], budgets=[50], limit=6, report_only=True, **common)["reported"] == 4
 
 
 def test_cli_dry_run_lists_cells(capsys):

@@ -15,6 +15,7 @@ Modules: :mod:`.plan` (policies, cells, run keys), :mod:`.lms` (the lm-eval mode
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -52,18 +53,25 @@ def run_compare(
     out_dir: str | Path | None = None,
     jobs: int = 1,
     fork: bool = True,
+    fork_shards: int | None = None,
     hybrid_budgets: list[float] | tuple[float, ...] | None = None,
     runner: Any = None,
     progress: bool = True,
     command: str | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep and write the tables and plot; returns the runner's summary."""
+    """Run (or resume) the sweep and write the tables and plot; returns the runner's summary.
+
+    The report covers every finished cell of ``model`` in ``OUT/cells``, the ones this sweep planned
+    and any left there by earlier sweeps (their commands are kept in ``results.json``'s
+    ``meta["runs"]``). ``report_only``: run nothing, only rewrite the report from those cells.
+    """
     from .report import write_results
-    from .runner import run_sweep
+    from .runner import load_cells, run_sweep
 
     cells = plan(policies, budgets, bits, hybrid_bits, tasks, hybrid_budgets)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
-    meta = {
+    run = {
         "command": command or "sinkcache compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "model": model,
         "limit": limit,
@@ -76,13 +84,55 @@ def run_compare(
         "hybrid_budgets_percent": list(budgets if hybrid_budgets is None else hybrid_budgets),
         "fork": fork,
         "jobs": jobs,
+        "fork_shards": fork_shards,
         "tasks": list(tasks),
     }
+    runs = previous_runs(out, model)
+    if not report_only and run["command"] not in [r.get("command") for r in runs]:
+        runs.append(run)
+    meta = {"model": model, "seed": seed, "runs": runs}
 
     def update(records: list[dict[str, Any]]) -> None:
-        write_results(out, model, records, meta)
+        write_results(out, model, merge_records(records, load_cells(out, model)), meta)
 
-    res = run_sweep(model, cells, out, limit=limit, seed=seed, jobs=jobs, fork=fork, runner=runner, on_update=update, progress=progress)
-    write_results(out, model, res["done"], meta)
+    if report_only:
+        res: dict[str, Any] = {"done": [], "failed": [], "skipped": 0}
+    else:
+        res = run_sweep(
+            model, cells, out, limit=limit, seed=seed, jobs=jobs, fork=fork, fork_shards=fork_shards,
+            runner=runner, on_update=update, progress=progress,
+        )
+    records = merge_records(res["done"], load_cells(out, model))
+    write_results(out, model, records, meta)
+    res["reported"] = len(records)
     res["out_dir"] = str(out)
     return res
+
+
+def previous_runs(out_dir: Path, model: str) -> list[dict[str, Any]]:
+    """The sweeps recorded in ``out_dir/results.json`` for ``model`` (oldest first)."""
+    path = Path(out_dir) / "results.json"
+    try:
+        meta = json.loads(path.read_text()).get("meta", {})
+    except (OSError, ValueError):
+        return []
+    if meta.get("model") != model:
+        return []
+    if "runs" in meta:
+        return list(meta["runs"])
+    return [meta] if meta.get("command") else []  # a report written before runs were kept
+
+
+def merge_records(planned: list[dict[str, Any]], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This sweep's records plus every other finished cell, in policy order then setting.
+
+    A cell id this sweep produced wins over an older file of the same id."""
+    by_id = {r["cell_id"]: r for r in found}
+    by_id.update({r["cell_id"]: r for r in planned})
+    order = {p: i for i, p in enumerate(POLICIES)}
+
+    def key(r: dict[str, Any]) -> tuple:
+        c = r["cell"]
+        return (order.get(c["policy"], len(order)), -(c.get("bits") or 0), -(c.get("budget") or 0.0), r["cell_id"])
+
+    return sorted(by_id.values(), key=key)

@@ -209,30 +209,57 @@ def analyse(records: list[dict[str, Any]], *, iters: int = 2000) -> dict[str, An
     }
 
 
+def provenance(records: list[dict[str, Any]]) -> str:
+    """Which documents-per-task limits and code fingerprints the cells ran at, with cell counts."""
+    def count(field: str) -> str:
+        n: dict[Any, int] = {}
+        for r in records:
+            n[r.get(field)] = n.get(r.get(field), 0) + 1
+        return ", ".join(f"{k if k is not None else 'all'} ({v} cell{'s' if v != 1 else ''})" for k, v in n.items())
+
+    text = f"Documents per task: {count('limit')}; code fingerprint: {count('code')}."
+    if len({r.get("limit") for r in records}) > 1:
+        text += " Cells at different limits are paired over the documents both scored (the first documents of each task)."
+    return text
+
+
+def fork_sentence(fork: dict[str, Any]) -> str:
+    """How the in-package cells ran; the wall time only where the pieces ran all at once."""
+    head = (
+        f"The {fork['members']} in-package cells" + (f" at {fork['limit']} documents per task" if fork.get("limit") else "")
+        + " ran from one shared prefill per request (`ForkLM`; identical "
+        f"per-document scores to separate runs, `tests/test_fork.py`), documents dealt over {fork['shards']} pieces"
+    )
+    jobs = fork.get("jobs", fork["shards"])
+    prefill = f"{fork['prefills']} shared prefills, {fork['shared_prefill_s'] / 60:.1f} CPU-min of them"
+    if fork["shards"] <= jobs:
+        return head + f" run at once: **grid wall time {fork['group_wall_s'] / 60:.1f} min** ({prefill})."
+    total = sum(fork.get("shard_wall_s") or [fork["group_wall_s"]])
+    return head + (
+        f", {jobs} at a time (resumable): **{total / 60:.0f} process-min in all**, about {total / 60 / jobs:.0f} min "
+        f"of wall time at {jobs} processes ({prefill})."
+    )
+
+
 def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any], analysis: dict[str, Any] | None = None) -> str:
     analysis = analysis or analyse(records)
     desc = "\n".join(f"| `{p}` | {g} | {d} |" for p, (g, _k, d) in POLICIES.items() if any(r["cell"]["policy"] == p for r in records))
     excluded = analysis.get("excluded_tasks") or []
-    fork = next((r["fork"] for r in records if r.get("fork")), None)
-    lines = [
-        f"# `sinkcache compare` — {model}",
-        "",
-        f"Command: `{meta.get('command', '')}`",
-        "",
-        f"Offline suite (`sinkcache_suite`), `--limit {meta.get('limit')}` documents per task, seed {meta.get('seed')}, "
-        f"CPU, 1 thread per process, fp32 model (so the full KV cache is fp32). Cells finished: {len(records)}"
-        + (f" of {meta['planned']}" if meta.get("planned") else "")
-        + ".",
+    groups: dict[tuple, dict[str, Any]] = {}  # one entry per fork group (same sweep, same shards)
+    for r in records:
+        if r.get("fork"):
+            f = r["fork"]
+            groups.setdefault((f["members"], f["shards"], f["group_wall_s"], f["prefills"], r.get("limit")), f | {"limit": r.get("limit")})
+    runs = meta.get("runs") or ([meta] if meta.get("command") else [])
+    lines = [f"# `sinkcache compare` — {model}", ""]
+    lines += ["Commands (every cell below was made by one of them):", ""] if len(runs) > 1 else []
+    lines += [f"{'* ' if len(runs) > 1 else 'Command: '}`{r.get('command', '')}`" for r in runs] + [""]
+    lines += [
+        f"Offline suite (`sinkcache_suite`), seed {meta.get('seed')}, CPU, 1 thread per process, fp32 model (so the "
+        f"full KV cache is fp32). Cells reported: {len(records)}. {provenance(records)}",
         "",
     ]
-    if fork:
-        lines += [
-            f"The {fork['members']} in-package cells ran from one shared prefill per request (`ForkLM`; identical "
-            f"per-document scores to separate runs, `tests/test_fork.py`), documents dealt over {fork['shards']} "
-            f"processes: **grid wall time {fork['group_wall_s'] / 60:.1f} min** ({fork['prefills']} shared prefills, "
-            f"{fork['shared_prefill_s'] / 60:.1f} CPU-min of them).",
-            "",
-        ]
+    lines += [x for f in groups.values() for x in (fork_sentence(f), "")]
     lines += [
         "* **setting**: eviction-type policies keep a fraction of *each request's* tokens (budget = that fraction "
         "of the prefilled context, or of the whole text for perplexity; kvpress `compression_ratio` = 1 - fraction); "

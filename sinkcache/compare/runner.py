@@ -56,6 +56,25 @@ def load_done(
     return done
 
 
+def load_cells(out_dir: Path, model: str) -> list[dict[str, Any]]:
+    """Every finished cell record in ``out_dir/cells`` for ``model``, whatever run made it.
+
+    A report covers all of them (for example peers run at 50 documents next to in-package cells at
+    100): each record carries its own limit, code fingerprint and per-document scores, and pairs
+    are taken over the documents both cells scored.
+    """
+    recs: list[dict[str, Any]] = []
+    for path in sorted((Path(out_dir) / "cells").glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict) or rec.get("model") != model or "cell" not in rec or "summary" not in rec:
+            continue
+        recs.append(rec)
+    return recs
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -92,6 +111,7 @@ def run_sweep(
     seed: int = 0,
     jobs: int = 1,
     fork: bool = True,
+    fork_shards: int | None = None,
     runner: Callable[[Path, Path, Path], int] | None = None,
     on_update: Callable[[list[dict[str, Any]]], None] | None = None,
     progress: bool = True,
@@ -101,6 +121,9 @@ def run_sweep(
     ``fork``: the in-package cells (ours and the in-package baselines) run together from one
     prefill per request (:class:`~sinkcache.fork_lm.ForkLM`), their documents dealt over ``jobs``
     processes; each peer cell runs alone. ``jobs`` processes run at once (single-threaded each).
+    ``fork_shards`` (default ``jobs``): how many pieces the fork group's documents are dealt into;
+    each finished piece is kept in ``OUT/parts`` and reused on resume, so more pieces than ``jobs``
+    make a long grid resumable in small steps.
     ``runner(spec, out, log)`` runs one process (default: ``python -m sinkcache.compare.cell``);
     ``on_update(records)`` is called after every finished cell with all records so far.
     """
@@ -125,7 +148,9 @@ def run_sweep(
     if len(group) < 2:
         group = []  # nothing to share
     job_list: list[_Job] = []
-    shards = max(1, int(jobs))
+    shards = int(fork_shards) if fork_shards is not None else max(1, int(jobs))
+    if shards < 1:
+        raise ValueError(f"fork_shards={fork_shards!r}: must be a positive integer")
     for k in range(shards if group else 0):
         keys = [key[c.cell_id] for c in group]
         spec = dict(base, cells=[c.to_dict() for c in group], keys=keys, shard=k, shards=shards)
@@ -168,7 +193,9 @@ def run_sweep(
                 time_s={"wall": round(member_s, 2), "note": "this cell's own compute; the shared prefill is in fork"},
                 fork={
                     "members": len(group), "shards": len(shard_recs),
+                    "jobs": max(1, int(jobs)),
                     "group_wall_s": max(r["timing"]["wall_s"] for r in shard_recs),
+                    "shard_wall_s": [round(r["timing"]["wall_s"], 2) for r in shard_recs],
                     "shared_prefill_s": round(sum(r["timing"]["shared_prefill_s"] for r in shard_recs), 2),
                     "prefills": sum(r["timing"]["prefills"] for r in shard_recs),
                 },
