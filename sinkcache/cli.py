@@ -658,7 +658,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "percentage of each request's full KV; quantizers sweep bit widths; memory is measured.",
         formatter_class=_HelpFormatter,
     )
-    from .compare.plan import DEFAULT_BITS, DEFAULT_BUDGETS, DEFAULT_HYBRID_BITS, POLICIES, SUITE_TASKS
+    from .compare.plan import (
+        DEFAULT_BITS,
+        DEFAULT_BUDGETS,
+        DEFAULT_HYBRID_BITS,
+        DEFAULT_RULER_LENGTHS,
+        POLICIES,
+        RULER_TASKS,
+    )
 
     p.add_argument("model", help="built-in alias (smollm2-135m, gemma3-270m), local dir or .gguf")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
@@ -666,7 +673,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)), help="bit widths for quantizers")
     p.add_argument("--hybrid-bits", default=",".join(map(str, DEFAULT_HYBRID_BITS)), help="bit widths for the hybrids")
     p.add_argument("--hybrid-budgets", default=None, help="percent budgets for the hybrids (default: --budgets)")
-    p.add_argument("--tasks", default=",".join(SUITE_TASKS), help="suite tasks to run")
+    p.add_argument(
+        "--tasks", default="suite",
+        help=f"suite (the offline suite), ruler (lm-eval's offline RULER variants: {', '.join(RULER_TASKS)}), or a comma-separated "
+        "list of suite tasks, RULER variants and TASK@LENGTH; RULER cells are separate cells (id suffix _ruler)",
+    )
+    p.add_argument("--ruler-lengths", default=",".join(map(str, DEFAULT_RULER_LENGTHS)), help="RULER document lengths in tokens")
     p.add_argument("--limit", type=_positive_int, default=5, help="documents per task")
     p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
     p.add_argument("--jobs", type=_positive_int, default=1, help="processes at once (1 thread each); the forked in-package cells deal their documents over them")
@@ -682,14 +694,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
     from .compare import plan, run_compare
-    from .compare.plan import parse_list
+    from .compare.plan import expand_tasks, parse_list
 
     kw: dict[str, Any] = {
         "policies": parse_list(args.policies),
         "budgets": parse_list(args.budgets, float),
         "bits": parse_list(args.bits, int),
         "hybrid_bits": parse_list(args.hybrid_bits, int),
-        "tasks": parse_list(args.tasks),
+        "tasks": expand_tasks(parse_list(args.tasks), parse_list(args.ruler_lengths, int)),
         "hybrid_budgets": None if args.hybrid_budgets is None else parse_list(args.hybrid_budgets, float),
     }
     cells = plan(**kw)

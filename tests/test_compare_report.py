@@ -51,3 +51,45 @@ def test_results_report_intervals_and_verdicts(tmp_path):
     iv = data["analysis"]["intervals"]["kivi_2bit"]["suite"]
     assert iv["low"] <= iv["mean"] <= iv["high"] and iv["n"] == 60
     assert analyse(recs, iters=200)["excluded_tasks"] == [VT]
+
+
+def _ruler_rec(cell: Cell, vals: dict[str, list[float]], hashes: dict[str, list[str]]) -> dict:
+    docs = {t: {str(i): v for i, v in enumerate(vs)} for t, vs in vals.items()}
+    return {"cell": cell.to_dict(), "cell_id": cell.cell_id, "group": cell.group, "setting": cell.setting, "docs": docs,
+            "doc_hash": {t: {str(i): h for i, h in enumerate(hs)} for t, hs in hashes.items()},
+            "n_docs": {t: len(v) for t, v in docs.items()}, "memory": {}, "scores": {}, "time_s": {"wall": 1.0},
+            "summary": {"per_task": {}, "suite_score": None, "bits_per_byte": None, "kv_ratio": 0.2}}
+
+
+def test_ruler_pairs_use_only_documents_with_the_same_input():
+    vt, mk = "ruler_vt@512", "niah_multikey_2@512"
+    tasks = (vt, mk)
+    n = 40
+    same = [f"h{i}" for i in range(n)]
+    full = _ruler_rec(Cell("full", tasks=tasks), {vt: [1.0] * n, mk: [0.0] * n}, {vt: same, mk: same})
+    kivi = _ruler_rec(Cell("kivi", bits=2, tasks=tasks), {vt: [0.0] * n, mk: [0.0] * n}, {vt: same, mk: same})
+    # ours: 10 documents were generated differently (another length set): they must not be paired
+    other = same[:30] + [f"x{i}" for i in range(10)]
+    ours = _ruler_rec(Cell("sink-quant", bits=2, tasks=tasks), {vt: [1.0] * 30 + [0.0] * 10, mk: [0.0] * n}, {vt: other, mk: same})
+    suite_full = _ruler_rec(Cell("full"), {PK: [1.0] * n}, {})
+    recs = [suite_full, full, kivi, ours]
+    comps = comparisons(recs, iters=300)
+    assert [(c["ours"], c["other"]) for c in comps] == [("sink-quant_2bit_ruler", "kivi_2bit_ruler")]  # within the RULER set
+    d = comps[0]
+    assert d["n_ruler_docs"] == {vt: 30}  # mk is left out (full scores 0); 10 mismatched documents dropped
+    assert d["ruler"]["mean"] == 1.0 and d["ruler"]["verdict"] == "win" and "suite" not in d
+    a = analyse(recs, iters=300)
+    assert a["ruler_tasks"] == [vt] and a["excluded_ruler_tasks"] == [mk]
+
+
+def test_results_have_a_ruler_table_and_keep_ruler_cells_out_of_the_suite_table(tmp_path):
+    vt = "ruler_vt@1024"
+    hs = [f"h{i}" for i in range(8)]
+    recs = [_grid()[0], _ruler_rec(Cell("full", tasks=(vt,)), {vt: [1.0, 0.0] * 4}, {vt: hs}),
+            _ruler_rec(Cell("kivi", bits=2, tasks=(vt,)), {vt: [0.0] * 8}, {vt: hs})]
+    write_results(tmp_path, "tiny", recs, {"seed": 0, "command": "x"}, with_plot=False)
+    md = (tmp_path / "results.md").read_text()
+    assert "## lm-eval's RULER tasks (offline variants)" in md and "| vt@1k | docs/task |" in md
+    suite_table = md.split("## lm-eval's RULER")[0]
+    assert "| reference | full |" in suite_table and "int2" not in suite_table
+    assert "| baseline | kivi | int2 | — | 0.000 [0.000, 0.000] | 0.00 | 8 |" in md

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK, Cell
-from .samples import merge_docs, per_doc, task_scores
+from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK, Cell, ruler_split
+from .samples import merge_docs, per_doc, ruler_metric, task_scores
 
 # Cache knobs of the in-package policies (ours and the baselines).
 _SINKCACHE_KW: dict[str, dict[str, Any]] = {
@@ -78,10 +78,15 @@ def summarize(cell: Cell, scores: dict[str, dict[str, float]], memory: dict[str,
     """Per-task primary metric, the suite score (mean accuracy) and perplexity (bits/byte)."""
     per_task = {t: scores.get(t, {}).get(m) for t, m in ACCURACY_METRICS.items() if t in cell.tasks}
     vals = [v for v in per_task.values() if v is not None]
+    ruler = {t: scores.get(t, {}).get(ruler_metric(t)) for t in cell.tasks if ruler_split(t)}
+    ruler_vals = [v for v in ruler.values() if v is not None]
     ppl = scores.get(PPL_TASK, {}).get(PPL_METRIC) if PPL_TASK in cell.tasks else None
     return {
         "per_task": per_task,
         "suite_score": (sum(vals) / len(vals)) if vals else None,
+        "ruler_per_task": ruler,
+        # every RULER task; the report's interval leaves out tasks the full cache scores 0 on
+        "ruler_score": (sum(ruler_vals) / len(ruler_vals)) if ruler_vals else None,
         "bits_per_byte": ppl,
         "word_perplexity": scores.get(PPL_TASK, {}).get("word_perplexity,none"),
         "kv_ratio": memory.get("ratio_vs_full"),
@@ -92,41 +97,33 @@ def summarize(cell: Cell, scores: dict[str, dict[str, float]], memory: dict[str,
     }
 
 
-def shard_samples(tasks: list[str] | tuple[str, ...], limit: int | None, shard: int = 0, shards: int = 1) -> dict[str, list[int]]:
-    """lm-eval ``samples=``: per task, the first ``limit`` documents whose index is ``shard`` modulo
-    ``shards`` (documents are dealt round-robin, so shards stay balanced across lengths)."""
-    from lm_eval.tasks import get_task_dict
+def shard_samples(
+    tasks: list[str] | tuple[str, ...], limit: int | None, shard: int = 0, shards: int = 1, *, tokenizer: Any = None, model_name: str = ""
+) -> dict[str, list[int]]:
+    """lm-eval ``samples=``: per task, the first ``limit`` documents (of each RULER length) whose
+    position is ``shard`` modulo ``shards`` (see :func:`.tasks.samples`)."""
+    from . import tasks as tasks_mod
 
-    from ..evaluation import task_manager
-
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} of {shards}: need 0 <= shard < shards")
-    tdict = get_task_dict(list(tasks), task_manager(include_defaults=False))
-    out = {}
-    for t in tasks:
-        n = len(tdict[t].eval_docs)
-        n = n if limit is None else min(n, int(limit))
-        out[t] = [i for i in range(n) if i % shards == shard]
-    return out
+    return tasks_mod.samples(tasks_mod.load(tasks, tokenizer=tokenizer, model_name=model_name), limit, shard, shards)
 
 
-def _evaluate(lm: Any, tasks: list[str], samples: dict[str, list[int]], seed: int) -> dict[str, Any]:
-    from ..evaluation import _simple_evaluate, task_manager
+def _evaluate(lm: Any, ts: Any, samples: dict[str, list[int]], seed: int) -> dict[str, Any]:
+    from ..evaluation import _simple_evaluate
 
     return _simple_evaluate(
-        lm, tasks, samples=samples, num_fewshot=None, batch_size=1, limit=None,
-        task_manager=task_manager(include_defaults=False),  # the suite only: skips indexing ~15k tasks
-        log_samples=True, apply_chat_template=False, seed=seed, bootstrap_iters=0, progress=False,
+        lm, ts.lm_tasks, samples=samples, num_fewshot=None, batch_size=1, limit=None,
+        task_manager=ts.task_manager, log_samples=True, apply_chat_template=False, seed=seed, bootstrap_iters=0, progress=False,
     ) or {}
 
 
-def _part(lm: Any, results: dict[str, Any], tasks: list[str], wall: float) -> dict[str, Any]:
+def _part(lm: Any, results: dict[str, Any], tasks: list[str], wall: float, doc_hash: dict[str, Any] | None = None) -> dict[str, Any]:
     """What one process measured for one cell: per-document scores and the raw KV log."""
     from ..evaluation import _scores
 
     log = lm.kv_log
     return {
         "docs": per_doc(results, tasks),
+        "doc_hash": doc_hash or {},
         "lm_eval_scores": _scores(results),
         "n_samples": results.get("n-samples", {}),
         "kv": {"records": list(log.records), "configs": list(log.configs), "attended": list(log.attended)},
@@ -146,6 +143,7 @@ def record_from_parts(cell: Cell, parts: list[dict[str, Any]], **extra: Any) -> 
         log.configs += p["kv"]["configs"]
         log.attended += [tuple(a) for a in p["kv"]["attended"]]
     docs = merge_docs([p["docs"] for p in parts])
+    doc_hash = merge_docs([p.get("doc_hash") or {} for p in parts])
     scores = task_scores(docs)
     memory = log.summary()
     rec = {
@@ -163,6 +161,8 @@ def record_from_parts(cell: Cell, parts: list[dict[str, Any]], **extra: Any) -> 
         "n_docs": {t: len(v) for t, v in docs.items()},
         "shards": len(parts),
     }
+    if doc_hash:
+        rec["doc_hash"] = doc_hash  # RULER documents are generated: pairs check they are the same
     if len(parts) == 1:
         rec["lm_eval_scores"] = parts[0]["lm_eval_scores"]  # lm-eval's own aggregate, for cross-checking
     rec.update(extra)
@@ -204,13 +204,17 @@ def run_cell(
     t_load = time.perf_counter() - t0
     worker_rss = 0
     tasks = list(cell.tasks)
+    from . import tasks as tasks_mod
+
     try:
-        results = _evaluate(lm, tasks, shard_samples(tasks, limit, shard, shards), seed)
+        ts = tasks_mod.load(tasks, tokenizer=getattr(lm, "tokenizer", tokenizer), model_name=model_name)
+        picked = tasks_mod.samples(ts, limit, shard, shards)
+        results = _evaluate(lm, ts, picked, seed)
     finally:
         if hasattr(lm, "close"):
             worker_rss = lm.close()
     wall = time.perf_counter() - t0
-    part = _part(lm, results, tasks, wall)
+    part = _part(lm, results, tasks, wall, tasks_mod.doc_hashes(ts, picked))
     facts = _process_facts()
     if getattr(lm, "worker_versions", None):
         facts["versions"]["peer_env"] = lm.worker_versions
@@ -244,17 +248,21 @@ def run_fork_shard(
     members = {c.cell_id: build_lm(c, model_name, model=model, tokenizer=tokenizer) for c in cells}
     fork = ForkLM(members)
     t_load = time.perf_counter() - t0
-    samples = shard_samples(tasks, limit, shard, shards)
+    from . import tasks as tasks_mod
+
+    ts = tasks_mod.load(tasks, tokenizer=tokenizer, model_name=model_name)
+    samples = tasks_mod.samples(ts, limit, shard, shards)
+    hashes = tasks_mod.doc_hashes(ts, samples)
     walls: dict[str, float] = {}
 
     def ev(lm):
         t = time.perf_counter()
-        res = _evaluate(lm, tasks, samples, seed)
+        res = _evaluate(lm, ts, samples, seed)
         walls[lm.current] = time.perf_counter() - t
         return res
 
     results = fork.run_all(ev)
-    parts = {name: _part(members[name], results[name], tasks, walls[name]) for name in fork.names}
+    parts = {name: _part(members[name], results[name], tasks, walls[name], hashes) for name in fork.names}
     timing = {
         "load_s": round(t_load, 2),
         "wall_s": round(time.perf_counter() - t0, 2),

@@ -52,6 +52,55 @@ PPL_TASK = "sinkcache_docstring_ppl"
 PPL_METRIC = "bits_per_byte,none"
 SUITE_TASKS = (*ACCURACY_METRICS, PPL_TASK)
 
+#: lm-eval's RULER variants that run offline. A compare task is one variant at one document length,
+#: written ``task@length`` (``niah_single_1@1024``): RULER scores each length apart, and so do we.
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+DEFAULT_RULER_LENGTHS = (1024, 2048)
+
+
+def ruler_split(task: str) -> tuple[str, int] | None:
+    """``("niah_single_1", 1024)`` for ``"niah_single_1@1024"``; None for a suite task."""
+    base, sep, length = task.partition("@")
+    if not sep or base not in RULER_TASKS or not length.isdigit():
+        return None
+    return base, int(length)
+
+
+def is_ruler_task(task: str) -> bool:
+    return ruler_split(task) is not None
+
+
+def expand_tasks(tasks: list[str] | tuple[str, ...], ruler_lengths: list[int] | tuple[int, ...] = DEFAULT_RULER_LENGTHS) -> list[str]:
+    """The compare tasks that ``--tasks`` names: ``suite`` (the offline suite), ``ruler`` (every
+    offline RULER variant at every length of ``ruler_lengths``), a RULER variant (at every length),
+    ``variant@length``, or a suite task. Raises on anything else, naming what is allowed."""
+    from ..ruler import DOWNLOADING
+
+    bad_len = [n for n in ruler_lengths if isinstance(n, bool) or not isinstance(n, int) or n < 256]
+    if bad_len or not ruler_lengths:
+        raise ValueError(f"RULER lengths {list(ruler_lengths)!r}: give integers >= 256, e.g. 1024,2048")
+    out: list[str] = []
+    for t in tasks:
+        if t == "suite":
+            new = list(SUITE_TASKS)
+        elif t in ("ruler", "ruler_offline"):
+            new = [f"{b}@{n}" for b in RULER_TASKS for n in ruler_lengths]
+        elif t in RULER_TASKS:
+            new = [f"{t}@{n}" for n in ruler_lengths]
+        elif t in SUITE_TASKS or is_ruler_task(t):
+            new = [t]
+        elif t.partition("@")[0] in DOWNLOADING:
+            raise ValueError(f"task {t!r} cannot run offline: {DOWNLOADING[t.partition('@')[0]]}; offline RULER tasks: {', '.join(RULER_TASKS)}")
+        else:
+            raise ValueError(
+                f"unknown task {t!r}; allowed: suite, ruler, {', '.join(SUITE_TASKS)}, {', '.join(RULER_TASKS)} "
+                "(a RULER task at one length: TASK@LENGTH)"
+            )
+        if any(ruler_split(x) and ruler_split(x)[1] < 256 for x in new):
+            raise ValueError(f"task {t!r}: RULER lengths must be >= 256 tokens")
+        out += [x for x in new if x not in out]
+    return out
+
 #: Knobs shared by our quantizers and the KIVI baseline (the same for both, so only sinks differ).
 QUANT_WINDOW = 32
 QUANT_GROUP = 32
@@ -84,7 +133,14 @@ class Cell:
             parts.append(f"{self.bits}bit")
         if self.budget is not None:
             parts.append(f"b{self.budget:g}")
+        if any(is_ruler_task(t) for t in self.tasks):
+            parts.append("ruler")  # a separate cell (and file) from the same policy on the suite
         return "_".join(parts)
+
+    @property
+    def task_set(self) -> str:
+        """``"ruler"`` when the cell runs RULER tasks, else ``"suite"`` (pairs are within a task set)."""
+        return "ruler" if any(is_ruler_task(t) for t in self.tasks) else "suite"
 
     @property
     def setting(self) -> str:
@@ -132,9 +188,12 @@ def plan(
     for n in (*bits, *hybrid_bits):
         if int(n) not in (2, 4):
             raise ValueError(f"bits {n!r}: compare sweeps 2 and 4 bits (both ours and the peers support them)")
-    bad_tasks = [t for t in tasks if t not in SUITE_TASKS]
+    bad_tasks = [t for t in tasks if t not in SUITE_TASKS and not is_ruler_task(t)]
     if bad_tasks:
-        raise ValueError(f"unknown tasks {bad_tasks}; allowed: {', '.join(SUITE_TASKS)}")
+        raise ValueError(
+            f"unknown tasks {bad_tasks}; allowed: {', '.join(SUITE_TASKS)}, or TASK@LENGTH for the RULER tasks "
+            f"{', '.join(RULER_TASKS)} (expand_tasks turns 'suite' and 'ruler' into these)"
+        )
     cells: list[Cell] = []
     for p in policies:
         kind = POLICIES[p][1]

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK
+from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK, RULER_TASKS, ruler_split
 from .stats import Interval, ratio_of_sums, stratified_mean, verdict
 
 #: ours -> its no-sink (or no-protection) baseline in the same family.
@@ -33,18 +33,31 @@ PEERS_OF = {
 
 
 def _setting(rec: dict[str, Any]) -> tuple:
+    """What a pair must share: the memory setting and the task set (suite or RULER)."""
     c = rec["cell"]
-    return (c.get("bits"), c.get("budget"))
+    return (c.get("bits"), c.get("budget"), any(ruler_split(t) for t in c.get("tasks", ())))
 
 
 def _acc_docs(rec: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
     return {t: rec.get("docs", {}).get(t, {}) for t in tasks if rec.get("docs", {}).get(t)}
 
 
-def informative_tasks(records: list[dict[str, Any]], *, chance: float = 0.0) -> list[str]:
-    """Accuracy tasks the full cache scores above ``chance`` on (all tasks if there is no full cell)."""
-    full = next((r for r in records if r["cell"]["policy"] == "full"), None)
-    tasks = list(ACCURACY_METRICS)
+def _ruler_only(rec: dict[str, Any]) -> bool:
+    tasks = rec["cell"].get("tasks", ())
+    return bool(tasks) and all(ruler_split(t) for t in tasks)
+
+
+def ruler_tasks(records: list[dict[str, Any]]) -> list[str]:
+    """The RULER tasks (``task@length``) any cell scored, variant by variant, length by length."""
+    found = {t for r in records for t in r.get("docs", {}) if ruler_split(t)}
+    return sorted(found, key=lambda t: (RULER_TASKS.index(ruler_split(t)[0]), ruler_split(t)[1]))
+
+
+def informative_tasks(records: list[dict[str, Any]], *, chance: float = 0.0, ruler: bool = False) -> list[str]:
+    """Accuracy tasks (suite, or RULER with ``ruler=True``) the full cache scores above ``chance``
+    on (all tasks if there is no full cell)."""
+    tasks = ruler_tasks(records) if ruler else list(ACCURACY_METRICS)
+    full = next((r for r in records if r["cell"]["policy"] == "full" and any(t in r.get("docs", {}) for t in tasks)), None)
     if full is None:
         return tasks
     out = []
@@ -55,13 +68,15 @@ def informative_tasks(records: list[dict[str, Any]], *, chance: float = 0.0) -> 
     return out
 
 
-def cell_intervals(rec: dict[str, Any], tasks: list[str], *, iters: int = 2000) -> dict[str, Any]:
-    """``{"suite": Interval, "per_task": {task: Interval}, "bits_per_byte": Interval}`` (dicts)."""
-    docs = _acc_docs(rec, tasks)
+def cell_intervals(rec: dict[str, Any], tasks: list[str], *, iters: int = 2000, ruler: list[str] | None = None) -> dict[str, Any]:
+    """``{"suite": Interval, "ruler": Interval, "per_task": {task: Interval}, "bits_per_byte": Interval}``
+    (dicts); ``tasks``: the suite tasks in the suite score, ``ruler``: the RULER tasks in the RULER score."""
     out: dict[str, Any] = {"per_task": {}}
-    if sum(len(v) for v in docs.values()) >= 2:
-        out["suite"] = stratified_mean({t: list(v.values()) for t, v in docs.items()}, iters=iters).to_dict()
-    for t, v in docs.items():
+    for name, ts in (("suite", tasks), ("ruler", ruler or [])):
+        docs = _acc_docs(rec, ts)
+        if sum(len(v) for v in docs.values()) >= 2:
+            out[name] = stratified_mean({t: list(v.values()) for t, v in docs.items()}, iters=iters).to_dict()
+    for t, v in _acc_docs(rec, [*tasks, *(ruler or [])]).items():
         if len(v) >= 2:
             out["per_task"][t] = stratified_mean({t: list(v.values())}, iters=iters).to_dict()
     ppl = rec.get("docs", {}).get(PPL_TASK) or {}
@@ -71,19 +86,30 @@ def cell_intervals(rec: dict[str, Any], tasks: list[str], *, iters: int = 2000) 
     return out
 
 
-def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, iters: int = 2000) -> dict[str, Any]:
-    """``b - a`` over shared documents: suite score (higher is better) and bits/byte (lower is better)."""
+def shared_docs(a: dict[str, Any], b: dict[str, Any], task: str) -> list[str]:
+    """Document ids both cells scored on ``task`` and that are the same document in both (RULER's
+    generated documents carry a hash of their input; a mismatch is left out of the pair)."""
+    ids = set(a.get("docs", {}).get(task, {})) & set(b.get("docs", {}).get(task, {}))
+    ha, hb = (a.get("doc_hash") or {}).get(task), (b.get("doc_hash") or {}).get(task)
+    if ha is not None or hb is not None:
+        ids = {i for i in ids if (ha or {}).get(i) is not None and (ha or {}).get(i) == (hb or {}).get(i)}
+    return sorted(ids, key=int)
+
+
+def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, iters: int = 2000, ruler: list[str] | None = None) -> dict[str, Any]:
+    """``b - a`` over shared documents: suite score and RULER score (higher is better), bits/byte
+    (lower is better)."""
     out: dict[str, Any] = {"a": a["cell_id"], "b": b["cell_id"]}
-    da, db = _acc_docs(a, tasks), _acc_docs(b, tasks)
-    diffs: dict[str, list[float]] = {}
-    for t in tasks:
-        shared = sorted(set(da.get(t, {})) & set(db.get(t, {})), key=int)
-        if shared:
-            diffs[t] = [db[t][i] - da[t][i] for i in shared]
-    if sum(len(v) for v in diffs.values()) >= 2:
-        iv = stratified_mean(diffs, iters=iters)
-        out["suite"] = iv.to_dict() | {"verdict": verdict(iv, higher_is_better=True)}
-        out["n_docs"] = {t: len(v) for t, v in diffs.items()}
+    for name, ts in (("suite", tasks), ("ruler", ruler or [])):
+        diffs: dict[str, list[float]] = {}
+        for t in ts:
+            shared = shared_docs(a, b, t)
+            if shared:
+                diffs[t] = [b["docs"][t][i] - a["docs"][t][i] for i in shared]
+        if sum(len(v) for v in diffs.values()) >= 2:
+            iv = stratified_mean(diffs, iters=iters)
+            out[name] = iv.to_dict() | {"verdict": verdict(iv, higher_is_better=True)}
+            out["n_docs" if name == "suite" else "n_ruler_docs"] = {t: len(v) for t, v in diffs.items()}
     pa, pb = a.get("docs", {}).get(PPL_TASK) or {}, b.get("docs", {}).get(PPL_TASK) or {}
     shared = sorted(set(pa) & set(pb), key=int)
     if len(shared) >= 2:
@@ -96,6 +122,7 @@ def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, iters: int
 def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dict[str, Any]]:
     """Every (ours, baseline) and (ours, peer) pair at the same nominal setting, as ``ours - other``."""
     tasks = informative_tasks(records)
+    ruler = informative_tasks(records, ruler=True)
     by = {(r["cell"]["policy"], _setting(r)): r for r in records}
     out = []
     for r in records:
@@ -108,7 +135,7 @@ def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dic
             o = by.get((other, _setting(r)))
             if o is None:
                 continue
-            d = paired(o, r, tasks, iters=iters)
+            d = paired(o, r, tasks, iters=iters, ruler=ruler)
             d.update(kind=kind, ours=r["cell_id"], other=o["cell_id"], setting=r["setting"],
                      kv_ratio_ours=r["summary"].get("kv_ratio"), kv_ratio_other=o["summary"].get("kv_ratio"))
             out.append(d)
@@ -181,17 +208,55 @@ def table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]] | 
 
 
 def pairs_table(comps: list[dict[str, Any]]) -> str:
-    """Paired differences ``ours - other`` at the same nominal setting."""
+    """Paired differences ``ours - other`` at the same nominal setting (a RULER column when any pair has one)."""
+    with_ruler = any(d.get("ruler") for d in comps)
     rows = [
-        "| ours | vs | kind | setting | KV % ours / other | Δ suite score [95% CI] | Δ bits/byte [95% CI] (lower is better) | docs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ours | vs | kind | setting | KV % ours / other | Δ suite score [95% CI] | Δ bits/byte [95% CI] (lower is better) | docs |"
+        + (" Δ RULER score [95% CI] | RULER docs |" if with_ruler else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_ruler else ""),
     ]
     for d in comps:
         kv = f"{_f(100 * (d.get('kv_ratio_ours') or 0), 1)} / {_f(100 * (d.get('kv_ratio_other') or 0), 1)}"
         n = sum((d.get("n_docs") or {}).values())
-        rows.append(
+        row = (
             f"| {d['ours']} | {d['other']} | {d['kind']} | {d['setting']} | {kv} | {fmt_diff(d.get('suite'))} | "
             f"{fmt_diff(d.get('bits_per_byte'), 4)} | {n} |"
+        )
+        if with_ruler:
+            row += f" {fmt_diff(d.get('ruler'))} | {sum((d.get('n_ruler_docs') or {}).values()) or '—'} |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def _ruler_short(task: str) -> str:
+    base, n = ruler_split(task)
+    return f"{base.removeprefix('ruler_')}@{n // 1024}k" if n % 1024 == 0 else f"{base.removeprefix('ruler_')}@{n}"
+
+
+def ruler_table(records: list[dict[str, Any]], analysis: dict[str, Any]) -> str:
+    """One row per cell that ran RULER: its RULER score with interval and each task@length's accuracy."""
+    tasks = ruler_tasks(records)
+    excluded = set(analysis.get("excluded_ruler_tasks") or [])
+    head = (
+        "| group | policy | setting | KV % of full (RULER requests) | RULER score [95% CI] | "
+        + " | ".join(_ruler_short(t) + (" (excl.)" if t in excluded else "") for t in tasks)
+        + " | docs/task |"
+    )
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        docs = r.get("docs", {})
+        if not any(t in docs for t in tasks):
+            continue
+        iv = (analysis.get("intervals") or {}).get(r["cell_id"], {})
+        per = [_f(sum(docs[t].values()) / len(docs[t]), 2) if docs.get(t) else "—" for t in tasks]
+        mem = (r.get("memory") or {}).get("per_task") or {}
+        bases = {ruler_split(t)[0] for t in tasks if t in docs}
+        held = sum(mem[b].get("mean_memory_bytes") or 0 for b in bases if b in mem)
+        dense = sum(mem[b].get("mean_dense_bytes") or 0 for b in bases if b in mem)
+        n = sorted({len(docs[t]) for t in tasks if t in docs})
+        rows.append(
+            f"| {r['group']} | {r['cell']['policy']} | {r['setting']} | {_f(100 * held / dense if dense else None, 1)} | "
+            f"{fmt(iv.get('ruler'))} | " + " | ".join(per) + f" | {'–'.join(map(str, n))} |"
         )
     return "\n".join(rows)
 
@@ -199,11 +264,14 @@ def pairs_table(comps: list[dict[str, Any]]) -> str:
 def analyse(records: list[dict[str, Any]], *, iters: int = 2000) -> dict[str, Any]:
     """Intervals per cell and the paired comparisons (what results.md/json report)."""
     tasks = informative_tasks(records)
+    ruler = informative_tasks(records, ruler=True)
     return {
         "suite_tasks": tasks,
         # tasks that ran but on which the full cache scored 0 (tasks that did not run are just absent)
         "excluded_tasks": [t for t in ACCURACY_METRICS if t not in tasks and any(r.get("docs", {}).get(t) for r in records)],
-        "intervals": {r["cell_id"]: cell_intervals(r, tasks, iters=iters) for r in records if r.get("docs")},
+        "ruler_tasks": ruler,
+        "excluded_ruler_tasks": [t for t in ruler_tasks(records) if t not in ruler],
+        "intervals": {r["cell_id"]: cell_intervals(r, tasks, iters=iters, ruler=ruler) for r in records if r.get("docs")},
         "comparisons": comparisons([r for r in records if r.get("docs")], iters=iters),
         "bootstrap": {"iters": iters, "level": 0.95, "seed": 0, "resampled": "documents, within each task"},
     }
@@ -278,8 +346,25 @@ def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any], an
         "* **peak RSS**: the process (model + lm-eval + caches); for kvpress, plus its worker process in the "
         "kvpress virtualenv (which holds a second copy of the model).",
         "",
-        table(records, analysis.get("intervals")),
+        table([r for r in records if not _ruler_only(r)], analysis.get("intervals")),
         "",
+    ]
+    if ruler_tasks(records):
+        excl = analysis.get("excluded_ruler_tasks") or []
+        lines += [
+            "## lm-eval's RULER tasks (offline variants)",
+            "",
+            "Each RULER variant at each document length is its own task (`task@length`, lengths in tokens of the "
+            "model's tokenizer), scored by lm-eval's string match; documents are generated by lm-eval with seeded "
+            "generators and paired by a hash of their input. **RULER score**: mean over the task@lengths, 95% "
+            "bootstrap interval over documents"
+            + (f"; left out of the score because the full cache scores 0 on them: {', '.join(excl)}" if excl else "")
+            + ".",
+            "",
+            ruler_table(records, analysis),
+            "",
+        ]
+    lines += [
         "## Paired differences at matched settings",
         "",
         "`ours - other` over the documents both cells scored; **win**/**loss** only where the 95% interval excludes 0 "

@@ -12,16 +12,37 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK
+from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK, ruler_split
 
 Docs = dict[str, dict[str, Any]]
 
 
+def ruler_metric(task: str) -> str:
+    """lm-eval's metric key of a RULER task at one length: ``"1024,none"`` for ``niah_single_1@1024``."""
+    sp = ruler_split(task)
+    if sp is None:
+        raise ValueError(f"{task!r} is not a RULER task at a length (TASK@LENGTH)")
+    return f"{sp[1]},none"
+
+
 def per_doc(results: dict[str, Any], tasks: list[str] | tuple[str, ...]) -> Docs:
-    """``{task: {doc_id: value}}`` from lm-eval results made with ``log_samples=True``."""
+    """``{task: {doc_id: value}}`` from lm-eval results made with ``log_samples=True``.
+
+    A RULER task at one length (``niah_single_1@1024``) takes the documents of that length from
+    its variant's samples (RULER scores each document under its own length and -1 under the others)."""
     out: Docs = {}
     samples = results.get("samples") or {}
     for task in tasks:
+        if sp := ruler_split(task):
+            key = str(sp[1])
+            vals = {
+                str(s["doc_id"]): float(s[key])
+                for s in samples.get(sp[0], [])
+                if s.get("filter") == "none" and key in s and float(s[key]) != -1.0
+            }
+            if vals:
+                out[task] = dict(sorted(vals.items(), key=lambda kv: int(kv[0])))
+            continue
         if task == PPL_TASK:
             metric, filt = PPL_METRIC.split(",")
         elif task in ACCURACY_METRICS:
@@ -52,6 +73,8 @@ def task_scores(docs: Docs) -> dict[str, dict[str, float]]:
             out[task] = {PPL_METRIC: bits_per_byte(list(vals.values()))}
         elif task in ACCURACY_METRICS:
             out[task] = {ACCURACY_METRICS[task]: sum(vals.values()) / len(vals)}
+        elif ruler_split(task):
+            out[task] = {ruler_metric(task): sum(vals.values()) / len(vals)}
     return out
 
 
