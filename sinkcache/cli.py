@@ -683,6 +683,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
     p.add_argument("--jobs", type=_positive_int, default=1, help="processes at once (1 thread each); the forked in-package cells deal their documents over them")
     p.add_argument("--fork-shards", type=_positive_int, default=None, help="pieces the forked cells' documents are dealt into (default: --jobs); each finished piece is kept and reused, so more pieces make a long grid resumable in small steps")
+    p.add_argument("--import", dest="import_dirs", action="append", default=[], metavar="DIR", help="copy the finished cells of another sweep's output folder into --out first, keeping its commands (repeatable)")
     p.add_argument("--report-only", action="store_true", help="run nothing: rewrite results.md/json and the plot from the finished cells in --out")
     p.add_argument("--no-fork", dest="fork", action="store_false", help="run every in-package cell with its own prefills (default: one shared prefill per request)")
     p.add_argument("--out", default=None, help="output dir (default: evals/results/<model>)")
@@ -712,7 +713,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     argv = list(sys.argv[1:])
     res = run_compare(
         args.model, **kw, limit=args.limit, seed=args.seed, out_dir=args.out, jobs=args.jobs, fork=args.fork,
-        fork_shards=args.fork_shards, report_only=args.report_only,
+        fork_shards=args.fork_shards, report_only=args.report_only, import_dirs=args.import_dirs,
         command="sinkcache " + " ".join(shlex.quote(a) for a in argv),
     )
     print(

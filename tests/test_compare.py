@@ -455,10 +455,20 @@ def test_report_covers_every_finished_cell_and_keeps_each_command(tmp_path):
     assert len(specs) == n and res["reported"] == 4
     again = json.loads((tmp_path / "results.json").read_text())
     assert [r["command"] for r in again["meta"]["runs"]] == ["ours at 6", "peers at 4"]
+    # --import: another sweep's folder adds its cells and its command
+    other_dir = tmp_path.parent / (tmp_path.name + "_other")
+    run_compare("tiny", policies=["hf-hqq"], budgets=[50], limit=4, command="hqq elsewhere",
+                **(common | {"out_dir": other_dir}))
+    res = run_compare("tiny", policies=["full"], budgets=[50], limit=6, report_only=True, import_dirs=[other_dir], **common)
+    assert res["reported"] == 5
+    imported = json.loads((tmp_path / "results.json").read_text())
+    assert [r["command"] for r in imported["meta"]["runs"]] == ["ours at 6", "peers at 4", "hqq elsewhere"]
+    with pytest.raises(ValueError, match="no finished cells of tiny"):
+        run_compare("tiny", policies=["full"], budgets=[50], limit=6, report_only=True, import_dirs=[tmp_path / "nothing"], **common)
     # a cell of another model in the same directory is not reported
     other = dict(data["cells"][0], model="other", cell_id="kivi_4bit")
     (tmp_path / "cells" / "kivi_4bit.json").write_text(json.dumps(other))
-    assert run_compare("tiny", policies=["full"], budgets=[50], limit=6, report_only=True, **common)["reported"] == 4
+    assert run_compare("tiny", policies=["full"], budgets=[50], limit=6, report_only=True, **common)["reported"] == 5
 
 
 def test_cli_dry_run_lists_cells(capsys):

@@ -59,12 +59,15 @@ def run_compare(
     progress: bool = True,
     command: str | None = None,
     report_only: bool = False,
+    import_dirs: list[str | Path] | tuple[str | Path, ...] = (),
 ) -> dict[str, Any]:
     """Run (or resume) the sweep and write the tables and plot; returns the runner's summary.
 
     The report covers every finished cell of ``model`` in ``OUT/cells``, the ones this sweep planned
     and any left there by earlier sweeps (their commands are kept in ``results.json``'s
     ``meta["runs"]``). ``report_only``: run nothing, only rewrite the report from those cells.
+    ``import_dirs``: other sweeps' output folders whose finished cells of ``model`` are copied into
+    ``OUT/cells`` first (replacing cells of the same id), their commands added to the history.
     """
     from .report import write_results
     from .runner import load_cells, run_sweep
@@ -88,6 +91,11 @@ def run_compare(
         "tasks": list(tasks),
     }
     runs = previous_runs(out, model)
+    for src in import_dirs:
+        imported = import_cells(Path(src), out, model)
+        if not imported:
+            raise ValueError(f"--import {src}: no finished cells of {model} in {Path(src) / 'cells'}")
+        runs += [r for r in previous_runs(Path(src), model) if r.get("command") not in [x.get("command") for x in runs]]
     if not report_only and run["command"] not in [r.get("command") for r in runs]:
         runs.append(run)
     meta = {"model": model, "seed": seed, "runs": runs}
@@ -136,3 +144,15 @@ def merge_records(planned: list[dict[str, Any]], found: list[dict[str, Any]]) ->
         return (order.get(c["policy"], len(order)), -(c.get("bits") or 0), -(c.get("budget") or 0.0), r["cell_id"])
 
     return sorted(by_id.values(), key=key)
+
+
+def import_cells(src: Path, out: Path, model: str) -> list[str]:
+    """Copy ``src/cells/*.json`` of ``model`` into ``out/cells``; returns the cell ids copied."""
+    from .runner import load_cells
+
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    ids = []
+    for rec in load_cells(src, model):
+        (out / "cells" / f"{rec['cell_id']}.json").write_text(json.dumps(rec, indent=1) + "\n")
+        ids.append(rec["cell_id"])
+    return ids
