@@ -93,3 +93,12 @@ def test_results_have_a_ruler_table_and_keep_ruler_cells_out_of_the_suite_table(
     suite_table = md.split("## lm-eval's RULER")[0]
     assert "| reference | full |" in suite_table and "int2" not in suite_table
     assert "| baseline | kivi | int2 | — | 0.000 [0.000, 0.000] | 0.00 | 8 |" in md
+
+
+def test_pairs_at_unequal_measured_bytes_are_flagged():
+    from sinkcache.compare.report import pairs_table
+
+    comps = comparisons(_grid(), iters=200)
+    comps[1]["kv_ratio_ours"], comps[1]["kv_ratio_other"] = 0.245, 0.171
+    md = pairs_table(comps)
+    assert md.count("**not matched**") == 1 and "(**not matched**: ours 1.43x)" in md

@@ -217,6 +217,9 @@ def pairs_table(comps: list[dict[str, Any]]) -> str:
     ]
     for d in comps:
         kv = f"{_f(100 * (d.get('kv_ratio_ours') or 0), 1)} / {_f(100 * (d.get('kv_ratio_other') or 0), 1)}"
+        if d.get("kv_ratio_ours") and d.get("kv_ratio_other") and abs(d["kv_ratio_ours"] / d["kv_ratio_other"] - 1) > 0.10:
+            # same nominal setting, different measured bytes: say so where the verdict is read
+            kv += f" (**not matched**: ours {d['kv_ratio_ours'] / d['kv_ratio_other']:.2f}x)"
         n = sum((d.get("n_docs") or {}).values())
         row = (
             f"| {d['ours']} | {d['other']} | {d['kind']} | {d['setting']} | {kv} | {fmt_diff(d.get('suite'))} | "
@@ -368,7 +371,9 @@ def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any], an
         "## Paired differences at matched settings",
         "",
         "`ours - other` over the documents both cells scored; **win**/**loss** only where the 95% interval excludes 0 "
-        "(otherwise the difference is not resolved at this many documents).",
+        "(otherwise the difference is not resolved at this many documents). Pairs share the nominal setting; where "
+        "the measured bytes differ by more than 10% the KV column says **not matched**, and the verdict is not one "
+        "at equal memory.",
         "",
         pairs_table(analysis.get("comparisons") or []),
         "",
