@@ -66,6 +66,14 @@ def ruler_split(task: str) -> tuple[str, int] | None:
     return base, int(length)
 
 
+def ruler_parts(task: str) -> tuple[str, int]:
+    """:func:`ruler_split` for a task known to be a RULER task (raises otherwise)."""
+    sp = ruler_split(task)
+    if sp is None:
+        raise ValueError(f"{task!r} is not a RULER task at a length (TASK@LENGTH)")
+    return sp
+
+
 def is_ruler_task(task: str) -> bool:
     return ruler_split(task) is not None
 
@@ -96,7 +104,7 @@ def expand_tasks(tasks: list[str] | tuple[str, ...], ruler_lengths: list[int] | 
                 f"unknown task {t!r}; allowed: suite, ruler, {', '.join(SUITE_TASKS)}, {', '.join(RULER_TASKS)} "
                 "(a RULER task at one length: TASK@LENGTH)"
             )
-        if any(ruler_split(x) and ruler_split(x)[1] < 256 for x in new):
+        if any(ruler_parts(x)[1] < 256 for x in new if is_ruler_task(x)):
             raise ValueError(f"task {t!r}: RULER lengths must be >= 256 tokens")
         out += [x for x in new if x not in out]
     return out

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK, RULER_TASKS, ruler_split
+from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK, RULER_TASKS, ruler_parts, ruler_split
 from .stats import Interval, ratio_of_sums, stratified_mean, verdict
 
 #: ours -> its no-sink (or no-protection) baseline in the same family.
@@ -50,7 +50,7 @@ def _ruler_only(rec: dict[str, Any]) -> bool:
 def ruler_tasks(records: list[dict[str, Any]]) -> list[str]:
     """The RULER tasks (``task@length``) any cell scored, variant by variant, length by length."""
     found = {t for r in records for t in r.get("docs", {}) if ruler_split(t)}
-    return sorted(found, key=lambda t: (RULER_TASKS.index(ruler_split(t)[0]), ruler_split(t)[1]))
+    return sorted(found, key=lambda t: (RULER_TASKS.index(ruler_parts(t)[0]), ruler_parts(t)[1]))
 
 
 def informative_tasks(records: list[dict[str, Any]], *, chance: float = 0.0, ruler: bool = False) -> list[str]:
@@ -232,7 +232,7 @@ def pairs_table(comps: list[dict[str, Any]]) -> str:
 
 
 def _ruler_short(task: str) -> str:
-    base, n = ruler_split(task)
+    base, n = ruler_parts(task)
     return f"{base.removeprefix('ruler_')}@{n // 1024}k" if n % 1024 == 0 else f"{base.removeprefix('ruler_')}@{n}"
 
 
@@ -253,7 +253,7 @@ def ruler_table(records: list[dict[str, Any]], analysis: dict[str, Any]) -> str:
         iv = (analysis.get("intervals") or {}).get(r["cell_id"], {})
         per = [_f(sum(docs[t].values()) / len(docs[t]), 2) if docs.get(t) else "—" for t in tasks]
         mem = (r.get("memory") or {}).get("per_task") or {}
-        bases = {ruler_split(t)[0] for t in tasks if t in docs}
+        bases = {ruler_parts(t)[0] for t in tasks if t in docs}
         held = sum(mem[b].get("mean_memory_bytes") or 0 for b in bases if b in mem)
         dense = sum(mem[b].get("mean_dense_bytes") or 0 for b in bases if b in mem)
         n = sorted({len(docs[t]) for t in tasks if t in docs})

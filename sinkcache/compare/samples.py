@@ -12,17 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK, ruler_split
+from .plan import ACCURACY_METRICS, PPL_METRIC, PPL_TASK, ruler_parts, ruler_split
 
 Docs = dict[str, dict[str, Any]]
 
 
 def ruler_metric(task: str) -> str:
     """lm-eval's metric key of a RULER task at one length: ``"1024,none"`` for ``niah_single_1@1024``."""
-    sp = ruler_split(task)
-    if sp is None:
-        raise ValueError(f"{task!r} is not a RULER task at a length (TASK@LENGTH)")
-    return f"{sp[1]},none"
+    return f"{ruler_parts(task)[1]},none"
 
 
 def per_doc(results: dict[str, Any], tasks: list[str] | tuple[str, ...]) -> Docs:
@@ -35,13 +32,13 @@ def per_doc(results: dict[str, Any], tasks: list[str] | tuple[str, ...]) -> Docs
     for task in tasks:
         if sp := ruler_split(task):
             key = str(sp[1])
-            vals = {
+            rvals = {
                 str(s["doc_id"]): float(s[key])
                 for s in samples.get(sp[0], [])
                 if s.get("filter") == "none" and key in s and float(s[key]) != -1.0
             }
-            if vals:
-                out[task] = dict(sorted(vals.items(), key=lambda kv: int(kv[0])))
+            if rvals:
+                out[task] = dict(sorted(rvals.items(), key=lambda kv: int(kv[0])))
             continue
         if task == PPL_TASK:
             metric, filt = PPL_METRIC.split(",")
