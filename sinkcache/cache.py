@@ -12,6 +12,8 @@ from .context import TokenContext
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
 from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
 from .rope import Rotary
+from .scores import Scorer
+from .scores.observe import AttentionObserver
 from .sinks import SINK_MODES, FirstSinks, NoSinks, PunctSinks, SinkSelector, punctuation_token_ids
 
 #: Default cap on sinks per (row, kv-head, layer) for policies that evict.
@@ -34,6 +36,9 @@ class SinkCache(Cache):
         positions: eviction only: ``"true"`` (default) keeps keys at their real positions;
             ``"shifted"`` re-rotates held keys to contiguous positions (StreamingLLM), for streams
             longer than the model's context. Needs ``model=``.
+        score: eviction only: how held tokens are ranked (:mod:`sinkcache.scores`):
+            ``"keynorm"`` (default, query-free), ``"tova"``, ``"snapkv"``, ``"h2o"`` (attention
+            read by forward hooks; need ``model=``), or a :class:`~sinkcache.scores.Scorer`.
         group_size: tokens per key scale group and channels per value group (default 64).
         sinks: ``"first"`` (the default), ``"auto"``, ``"punct"``, ``"none"``, or a
             :class:`~sinkcache.sinks.SinkSelector`. ``None`` means ``"first"``, or the profile
@@ -66,6 +71,7 @@ class SinkCache(Cache):
         window: int | None = None,
         group_size: int | None = None,
         positions: str | None = None,
+        score: str | Scorer | None = None,
         sinks: str | SinkSelector | None = None,
         n_first: int | None = None,
         max_sinks: int | None = None,
@@ -75,8 +81,16 @@ class SinkCache(Cache):
         profile: Any = None,
     ) -> None:
         self.policy = make_policy(
-            policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions
+            policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score
         )
+        self._observer: AttentionObserver | None = None
+        if isinstance(self.policy, EvictPolicy) and self.policy.scorer().needs_attention:
+            if model is None:
+                raise ValueError(
+                    f"score={self.policy.scorer().name!r} reads attention through the model's attention modules: "
+                    "pass model= to SinkCache (or use score='keynorm', which needs no queries)"
+                )
+            self._observer = AttentionObserver()
         if profile is not None:
             if sinks not in (None, "profile"):
                 raise ValueError(f"profile= selects sinks by token id; it cannot be combined with sinks={sinks!r}")
@@ -107,6 +121,8 @@ class SinkCache(Cache):
             self._attach(model)
             if hasattr(self.sink_selector, "attach"):
                 self.sink_selector.attach(model, self)
+            if self._observer is not None:
+                self._observer.attach(model, self)
         if self.config is not None:
             super().__init__(layers=[self._make_layer(i, t, kw) for i, (t, kw) in enumerate(_layer_types(self.config))])
         else:
@@ -158,6 +174,8 @@ class SinkCache(Cache):
             self._hook = None
         if hasattr(self.sink_selector, "detach"):
             self.sink_selector.detach()
+        if self._observer is not None:
+            self._observer.detach()
 
     def __deepcopy__(self, memo):
         # Hook handles and the model are not copied: the copy attaches its own hooks to the same model,
@@ -168,13 +186,16 @@ class SinkCache(Cache):
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            if k in ("_hook", "_model_ref"):
+            if k in ("_hook", "_model_ref", "_observer"):
                 continue
             setattr(new, k, copy.deepcopy(v, memo))
         new._hook, new._model_ref = None, self._model_ref
+        new._observer = None if self._observer is None else AttentionObserver()
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None:
             new._attach(model)
+            if new._observer is not None:
+                new._observer.attach(model, new)
             if hasattr(new.sink_selector, "attach"):
                 new.sink_selector._handles = []
                 new.sink_selector.attach(model, new)
@@ -256,10 +277,15 @@ class SinkCache(Cache):
 
         p, sel = self.policy, self.sink_selector
         out: dict[str, Any] = {"policy": p.name, "policy_class": type(p).__name__}
-        for f in ("bits", "window", "group_size", "budget", "positions"):
+        for f in ("bits", "window", "group_size", "budget", "positions", "score"):
             out[f] = getattr(p, f, None)
         if dataclasses.is_dataclass(p):
             out.update({f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
+        if isinstance(p, EvictPolicy):
+            out["score"] = p.scorer().name  # a Scorer object is recorded by its name
+            out["scorer"] = repr(p.scorer())
+        elif isinstance(p, HybridPolicy):
+            out["score"] = "keynorm"  # hybrid ranks whole groups by their mean key-norm score
         out.update(
             sinks=sel.name,
             sink_selector=type(sel).__name__,

@@ -28,6 +28,7 @@ DEBUG_ENV = "SINKCACHE_DEBUG"
 
 POLICIES = ("full", "evict", "quantize", "hybrid")
 SINK_MODES = ("auto", "first", "punct", "none")
+SCORE_NAMES = ("keynorm", "tova", "snapkv", "h2o")  # sinkcache.scores.SCORE_NAMES (the CLI imports no torch to parse)
 BITS = (2, 4, 8)
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
 
@@ -188,6 +189,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="leading tokens that always count as sinks (default: 1; not with --sinks none)",
     )
+    g.add_argument(
+        "--score",
+        choices=SCORE_NAMES,
+        default=None,
+        help="evict only: how held tokens are ranked (default: keynorm; tova/snapkv/h2o read attention)",
+    )
     d = p.add_argument_group("decoding")
     d.add_argument(
         "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate at most"
@@ -220,8 +227,8 @@ def _cache_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SinkCache knobs from the options; unset ones are left out (the policy's defaults apply,
     and SinkCache rejects knobs a policy does not use, e.g. --bits with evict)."""
     kw: dict[str, Any] = {"policy": args.policy, "sinks": args.sinks}
-    for name in ("n_first", "bits", "budget", "window", "group_size"):
-        value = getattr(args, name)
+    for name in ("n_first", "bits", "budget", "window", "group_size", "score"):
+        value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
     return kw
@@ -234,10 +241,15 @@ def _check_cache_options(kw: dict[str, Any]) -> None:
     is probed as "auto", which gets the same sink cap (the budget check depends only on that).
     """
     from . import SinkCache
+    from .policies import make_policy
 
     probe = dict(kw)
     if probe.get("sinks") == "punct":
         probe["sinks"] = "auto"
+    if probe.get("score") is not None:
+        # attention scorers need the model's attention modules: check the name and policy here
+        make_policy(probe["policy"], **{k: probe[k] for k in ("bits", "budget", "window", "group_size", "score") if k in probe})
+        probe.pop("score")
     SinkCache(**probe)
 
 
@@ -556,6 +568,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None, help="quantization group size (policy default 64)")
     p.add_argument("--sinks", default="first", choices=["auto", "first", "punct", "none"], help="sink selection")
     p.add_argument("--n-first", type=_non_negative_int, default=None, help="leading tokens that are always sinks (default: 1; not with --sinks none)")
+    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="evict only: eviction scorer (default keynorm; tova/snapkv/h2o read attention)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
     p.add_argument("--batch-size", type=int, default=1, help="requests per batch (left-padded)")
     p.add_argument("--output", default=None, help="write the JSON report here")
@@ -585,6 +598,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         sinks=args.sinks,
         n_first=args.n_first,
+        score=args.score,
         limit=limit,
         output=args.output,
         batch_size=args.batch_size,

@@ -71,7 +71,7 @@ __all__ = [
 
 #: Model arguments that configure the cache (everything else goes to ``HFLM``).
 CACHE_ARG_NAMES = (
-    "policy", "bits", "budget", "window", "group_size", "sinks", "n_first", "max_sinks", "positions", "profile",
+    "policy", "bits", "budget", "window", "group_size", "sinks", "n_first", "max_sinks", "positions", "score", "profile",
 )
 
 #: Environment variable naming the offline task folder (default: ``evals/tasks`` of this checkout).
@@ -150,6 +150,7 @@ def cache_options(
     n_first: Any = None,
     max_sinks: Any = None,
     positions: Any = None,
+    score: Any = None,
     profile: Any = None,
 ) -> dict[str, Any]:
     """Translate lm-eval model arguments (strings, or what lm-eval's parser made of them) into
@@ -161,6 +162,7 @@ def cache_options(
       is ``0``.
     * ``policy``: a name; ``None`` is an error (there is no "no policy").
     """
+    from .scores import SCORE_NAMES
     from .sinks import SINK_MODES
 
     if policy is None or (isinstance(policy, str) and not policy.strip()):
@@ -178,6 +180,9 @@ def cache_options(
     elif sinks == "profile":
         raise ValueError("sinks=profile needs profile=PATH (or a built-in model name)")
     pos = _none(positions)
+    sc = _none(score)
+    if sc is not None and str(sc).strip().lower() not in SCORE_NAMES:
+        raise ValueError(f"score={sc!r} is unknown; allowed: {', '.join(SCORE_NAMES)}")
     return {
         "policy": str(policy).strip(),
         "bits": _opt_int("bits", bits),
@@ -188,6 +193,7 @@ def cache_options(
         "n_first": _opt_int("n_first", n_first),
         "max_sinks": _opt_int("max_sinks", max_sinks),
         "positions": None if pos is None else str(pos),
+        "score": None if sc is None else str(sc).strip().lower(),
         "profile": profile,
     }
 
@@ -204,8 +210,12 @@ def _check_cache_kwargs(kw: dict[str, Any]) -> None:
         probe["sinks"] = "auto"
     if probe.get("positions") == "shifted":
         # Re-rotation needs the model's RoPE; the value itself is checked by make_policy here.
-        make_policy(probe["policy"], **{k: probe.get(k) for k in ("bits", "budget", "window", "group_size", "positions")})
+        make_policy(probe["policy"], **{k: probe.get(k) for k in ("bits", "budget", "window", "group_size", "positions", "score")})
         probe["positions"] = None
+    if probe.get("score") not in (None, "keynorm"):
+        # Attention scorers need the model's attention modules; the name and the policy are checked here.
+        make_policy(probe["policy"], **{k: probe.get(k) for k in ("bits", "budget", "window", "group_size", "positions", "score")})
+        probe["score"] = None
     SinkCache(**probe).detach()
 
 
@@ -337,7 +347,7 @@ class SinkCacheLM(HFLM):
         pretrained: a sinkcache alias (``smollm2-135m``), a GGUF file, a local checkpoint dir or a
             Hub id (all resolved by :func:`sinkcache.models.load_model`), or a loaded model object
             (then pass ``tokenizer=`` too).
-        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, profile:
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, score, profile:
             the cache (see :class:`~sinkcache.SinkCache`). ``policy="full"`` keeps everything and
             is the reference (built with ``sinks="none"``: nothing is compressed, so no sink can
             matter). ``sinks=None`` means ``"none"``: lm-eval turns the model argument
@@ -370,6 +380,7 @@ class SinkCacheLM(HFLM):
         n_first: int | None = None,
         max_sinks: int | None = None,
         positions: str | None = None,
+        score: str | None = None,
         profile: Any = None,
         chunk_size: int = 128,
         dtype: str | torch.dtype = "float32",
@@ -382,7 +393,7 @@ class SinkCacheLM(HFLM):
     ) -> None:
         cache_kwargs = cache_options(
             policy=policy, bits=bits, budget=budget, window=window, group_size=group_size, sinks=sinks,
-            n_first=n_first, max_sinks=max_sinks, positions=positions, profile=profile,
+            n_first=n_first, max_sinks=max_sinks, positions=positions, score=score, profile=profile,
         )
         _check_hflm_kwargs(kwargs)
         _check_cache_kwargs(cache_kwargs)  # bad knobs fail before the (slow) model load
@@ -479,7 +490,7 @@ class SinkCacheLM(HFLM):
         kw = self.cache_kwargs
         return make_policy(
             kw["policy"], bits=kw["bits"], budget=kw["budget"], window=kw["window"], group_size=kw["group_size"],
-            positions=kw["positions"],
+            positions=kw["positions"], score=kw["score"],
         )
 
     def _record(self, cache: Any, rows: int, kind: str) -> None:
@@ -895,6 +906,7 @@ def run_eval(
     n_first: int | None = None,
     max_sinks: int | None = None,
     positions: str | None = None,
+    score: str | None = None,
     profile: Any = None,
     limit: int | float | None = None,
     output: str | Path | None = None,
@@ -922,7 +934,7 @@ def run_eval(
         tasks: task or group names, e.g. ``["sinkcache_suite"]`` (the offline suite) or Hub tasks
             such as ``["gsm8k", "arc_challenge"]`` (those need Hub access). A comma-separated string
             works too.
-        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, profile:
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, score, profile:
             the cache (as for :class:`SinkCacheLM`; ``sinks="none"`` means no sinks).
         limit: documents per task (an int) or a fraction (< 1); ``None`` = all.
         output: write the report here as JSON (parent folders are created).
@@ -991,6 +1003,7 @@ def run_eval(
         "n_first": n_first,
         "max_sinks": max_sinks,
         "positions": positions,
+        "score": score,
         "profile": profile,
     }
     if num_threads is not None:
@@ -1014,7 +1027,7 @@ def run_eval(
         bad = [q for q in policies if q not in POLICY_KNOBS]
         if bad:
             raise ValueError(f"policies {bad} are unknown; allowed: {', '.join(POLICY_KNOBS)}")
-        shared = {k: v for k, v in cache_args.items() if k not in ("policy", "bits", "budget", "window", "group_size", "positions")}
+        shared = {k: v for k, v in cache_args.items() if k not in ("policy", "bits", "budget", "window", "group_size", "positions", "score")}
         members = {
             q: SinkCacheLM(
                 pretrained=lm.model, tokenizer=lm.tokenizer, chunk_size=chunk_size, device=str(lm.device), batch_size=batch_size,

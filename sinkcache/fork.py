@@ -16,14 +16,16 @@ load it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from .cache import SinkCache
-from .detect import AutoSinks
-from .layers import CompressingLayer, QuantizedLayer
+from .detect import AutoSinks, attention_modules
+from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
 from .policies import QuantizePolicy
+from .scores.observe import attention_received, project_q
 from .sinks import NoSinks
 
 __all__ = ["SharedPrefill", "detector_config"]
@@ -57,7 +59,7 @@ class SharedPrefill:
             cache.compress()
     """
 
-    def __init__(self, model: Any, *, detector: AutoSinks | None = None) -> None:
+    def __init__(self, model: Any, *, detector: AutoSinks | None = None, score_queries: Iterable[int | None] = ()) -> None:
         sel = detector if detector is not None else NoSinks()
         # A quantizing cache that never compresses before fork_into: its layers hold the forward's
         # keys/values exactly (window + nothing flushed) and give the detector its hooks.
@@ -65,10 +67,46 @@ class SharedPrefill:
         self.cache.ctx.keep_ids = True  # forks with id-based selectors (punct, profile) need them
         self.detector = detector
         self._config = detector_config(detector)
+        # Attention scorers of the forks (score="tova"/"snapkv"/"h2o") read the prompt's attention in
+        # its own forward; record it once per distinct query count they read (None: every query).
+        self.score_queries = tuple(dict.fromkeys(score_queries))
+        self.attention: dict[int, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = [] if not self.score_queries else self._record_attention(model)
+
+    def _record_attention(self, model: Any) -> list:
+        ref = self.cache
+
+        def make(idx: int):
+            def hook(module, args, kwargs, output):
+                if kwargs.get("past_key_values") is not ref or idx >= len(ref.layers):
+                    return None
+                layer = ref.layers[idx]
+                if not isinstance(layer, QuantizedLayer):
+                    return None  # a sliding layer: never evicted by an EvictingLayer
+                hs, pe = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings")
+                if hs is None or pe is None:
+                    raise RuntimeError(f"{type(module).__name__} passes no hidden_states/position_embeddings: attention scorers cannot fork")
+                b, t = hs.shape[0], hs.shape[1]
+                pos = torch.arange(t, device=hs.device, dtype=torch.int32).view(1, 1, t).expand(b, layer.win_k.shape[1], t)
+                pad = ref.ctx.pad_counts(b, hs.device)
+                with torch.no_grad():
+                    for nq in self.score_queries:
+                        w = t if nq is None else min(nq, t)
+                        q = project_q(module, hs, pe[0], pe[1], w)
+                        cols = torch.arange(t - w, t, device=hs.device)
+                        self.attention.setdefault(idx, {})[nq] = attention_received(q, layer.win_k, pos, cols, pad, module.scaling)
+                return None
+
+            return hook
+
+        return [m.register_forward_hook(make(i), with_kwargs=True) for i, m in attention_modules(model)]
 
     def close(self) -> None:
         """Remove the recording cache's hooks from the model."""
         self.cache.detach()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def fork_into(self, cache: SinkCache) -> SinkCache:
         """Load the recorded forward into ``cache`` (fresh, built for the same model); returns it.
@@ -99,6 +137,7 @@ class SharedPrefill:
         for i, layer in enumerate(rec.layers):
             if isinstance(layer, QuantizedLayer):
                 cache.update(layer.win_k, layer.win_v, i)  # new tensors: the fork never aliases the recording
+                self._feed_scores(cache.layers[i], i, layer.win_k.shape[2])
             elif isinstance(layer, CompressingLayer):  # pragma: no cover - the recorder only builds QuantizedLayer
                 raise TypeError(f"unexpected recording layer {type(layer).__name__}")
             else:
@@ -109,6 +148,20 @@ class SharedPrefill:
                 else:
                     cache.layers.append(copy.copy(layer))
         return cache
+
+    def _feed_scores(self, layer: Any, idx: int, t: int) -> None:
+        """Give an attention-scored fork layer the prompt attention it would have measured itself."""
+        scorer = getattr(layer, "scorer", None)
+        if not isinstance(layer, EvictingLayer) or scorer is None or not scorer.needs_attention:
+            return
+        got = self.attention.get(idx, {})
+        if scorer.queries not in got:
+            raise ValueError(
+                f"the fork scores with {scorer!r}, which reads {scorer.queries or 'all'} queries, but the recorded "
+                f"forward measured {list(got) or 'no attention'}: build SharedPrefill with score_queries including it"
+            )
+        attn, nq = got[scorer.queries]
+        layer.observe_attention(attn.clone(), nq.clone(), t)
 
     def matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
         """Whether the recorded forward saw ``input_ids`` ``[B, T]`` (and the padding of ``attention_mask``)."""

@@ -61,6 +61,7 @@ class ForkLM(SinkCacheLM):
         self.members = dict(members)
         self.names = list(members)
         self._detector = self._shared_detector()
+        self._score_queries = self._shared_score_queries()
         self.answers: dict[str, dict[tuple, Any]] = {n: {} for n in self.names}
         self.current = self.names[0]  # the member whose answers lm-eval receives
         self.replaying = False  # False: the record pass (every member runs, one prefill per request)
@@ -82,6 +83,20 @@ class ForkLM(SinkCacheLM):
         if not found:
             return None
         return next(iter(found.values()))[1]
+
+    def _shared_score_queries(self) -> tuple:
+        """The query counts the members' attention scorers read at prefill (recorded once each)."""
+        out: dict = {}
+        for m in self.members.values():
+            probe = m.make_cache()
+            try:
+                policy = probe.policy
+                scorer = policy.scorer() if hasattr(policy, "scorer") else None
+                if scorer is not None and scorer.needs_attention:
+                    out[scorer.queries] = None
+            finally:
+                probe.detach()
+        return tuple(out)
 
     def _fresh_detector(self):
         if self._detector is None:
@@ -135,7 +150,7 @@ class ForkLM(SinkCacheLM):
 
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> SharedPrefill:
         t0 = time.perf_counter()
-        shared = SharedPrefill(self.model, detector=self._fresh_detector())
+        shared = SharedPrefill(self.model, detector=self._fresh_detector(), score_queries=self._score_queries)
         if ids.shape[1]:
             self._prefill_forward(shared.cache, ids, mask)
         self.timing["shared_prefill_s"] += time.perf_counter() - t0

@@ -225,8 +225,9 @@ class CompressingLayer(CacheLayerMixin):
 class EvictingLayer(CompressingLayer):
     """Full-precision store of at most ``budget`` tokens per (row, kv-head).
 
-    Stored: keys/values ``[B, H, T, D]``, column ``pos`` ``[B, H, T]`` int32, key-norm ``score``
-    ``[B, H, T]`` float32 and a ``sink`` flag ``[B, H, T]``; T <= budget after every update.
+    Stored: keys/values ``[B, H, T, D]``, column ``pos`` ``[B, H, T]`` int32, eviction ``score``
+    ``[B, H, T]`` float32 (from the policy's scorer, :mod:`sinkcache.scores`) and a ``sink`` flag
+    ``[B, H, T]``; T <= budget after every update.
     """
 
     _batched = ("keys", "values", "pos", "score", "sink")
@@ -247,6 +248,7 @@ class EvictingLayer(CompressingLayer):
         self.rotary = rotary
         if policy.positions == "shifted" and rotary is None:
             raise ValueError("positions='shifted' needs the model's rotary embedding: pass model= to SinkCache")
+        self.scorer = policy.scorer()
         self.keys = self.values = _EMPTY
         self.pos = self.score = self.sink = _EMPTY
         self.marked = 0  # columns < marked have had their sink decision
@@ -284,10 +286,15 @@ class EvictingLayer(CompressingLayer):
             keys = self._shifted_keys(key_states, cols)
         self.values = values
         self.pos = torch.cat([self.pos, cols.view(1, 1, q).expand(b, h, q)], dim=2)
-        self.score = torch.cat([self.score, -key_states.float().norm(dim=-1)], dim=2)
+        self.score = torch.cat([self.score, self.scorer.arrival(key_states)], dim=2)
         self.sink = torch.cat([self.sink, torch.zeros(b, h, q, dtype=torch.bool, device=keys.device)], dim=2)
         self.seen += q
         return keys, values
+
+    def observe_attention(self, attn: torch.Tensor, n_queries: torch.Tensor, q_len: int) -> None:
+        """This forward's attention on the held tokens ``attn`` ``[B, H, T]`` (see
+        :func:`sinkcache.scores.observe.attention_received`) updates their scores."""
+        self.score = self.scorer.update(self.score, attn, n_queries, self.pos, self.seen, q_len)
 
     def _shifted_keys(self, key_states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Store the new keys un-rotated; return held keys rotated to the positions just before them."""

@@ -14,8 +14,10 @@ hybrid     quantize as above, and evict whole quantized groups once past ``budge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .quant import check_bits
+from .scores import Scorer, make_scorer
 
 POLICY_NAMES = ("full", "evict", "quantize", "hybrid")
 POSITION_MODES = ("true", "shifted")
@@ -55,15 +57,15 @@ class EvictPolicy(Policy):
     (StreamingLLM), so query-key distances never exceed the budget and generation can run far past
     the model's trained context; ``"true"`` (default) keeps each key at its real position.
 
-    The score is the negative L2 norm of the key: keys with small norms draw the most attention
-    (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
-    Compression"). It costs one norm per new token and needs no queries, so it also works when the
-    cache is used without ``model=``.
+    ``score`` names the eviction scorer (:mod:`sinkcache.scores`): ``"keynorm"`` (default; the
+    negative L2 norm of the key, query-free, works without ``model=``), ``"tova"``, ``"snapkv"`` or
+    ``"h2o"`` (attention-scored; need ``model=``), or a :class:`~sinkcache.scores.Scorer` object.
     """
 
     budget: int
     window: int = 0
     positions: str = "true"
+    score: Any = "keynorm"
     name = "evict"
 
     def __post_init__(self) -> None:
@@ -73,6 +75,16 @@ class EvictPolicy(Policy):
             raise ValueError(f"positions={self.positions!r} is unknown; allowed: {', '.join(POSITION_MODES)}")
         if self.window > self.budget:
             raise ValueError(f"window={self.window} exceeds budget={self.budget}; allowed: window <= budget")
+        scorer = make_scorer(self.score)  # validates the name
+        if scorer.needs_attention and self.positions == "shifted":
+            raise ValueError(
+                f"score={scorer.name!r} reads attention over keys at their real positions; "
+                "positions='shifted' re-rotates them (use score='keynorm')"
+            )
+
+    def scorer(self) -> Scorer:
+        """A fresh scorer object (one per layer)."""
+        return make_scorer(self.score) if isinstance(self.score, str) else self.score
 
     def budget_tokens(self) -> int | None:
         return self.budget
@@ -129,7 +141,7 @@ class HybridPolicy(QuantizePolicy):
 #: The knobs each named policy takes (any other must be left unset).
 POLICY_KNOBS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "evict": ("budget", "window", "positions"),
+    "evict": ("budget", "window", "positions", "score"),
     "quantize": ("bits", "window", "group_size"),
     "hybrid": ("bits", "budget", "window", "group_size"),
 }
@@ -143,17 +155,20 @@ def make_policy(
     window: int | None = None,
     group_size: int | None = None,
     positions: str | None = None,
+    score: str | Scorer | None = None,
 ) -> Policy:
     """Build a policy from its name and knobs; knobs a policy does not use must be left unset."""
     if isinstance(policy, Policy):
-        loose = dict(bits=bits, budget=budget, window=window, group_size=group_size, positions=positions)
+        loose = dict(bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score)
         given = {k: v for k, v in loose.items() if v is not None}
         if given:
             raise ValueError(f"pass knobs inside the policy object, not alongside it: {sorted(given)}")
         return policy
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy={policy!r} is unknown; allowed: {', '.join(POLICY_NAMES)}")
-    knobs = {"bits": bits, "budget": budget, "window": window, "group_size": group_size, "positions": positions}
+    knobs = {
+        "bits": bits, "budget": budget, "window": window, "group_size": group_size, "positions": positions, "score": score,
+    }
     used = POLICY_KNOBS[policy]
     unused = sorted(k for k, v in knobs.items() if v is not None and k not in used)
     if unused:

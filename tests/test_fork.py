@@ -25,6 +25,8 @@ MEMBERS = {
     "first4": dict(policy="quantize", bits=4, window=4, group_size=16, sinks="first"),
     "evict_auto": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4),
     "streaming": dict(policy="evict", budget=20, window=16, sinks="first", n_first=4),
+    "evict_tova": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4, score="tova"),
+    "evict_h2o": dict(policy="evict", budget=24, window=8, sinks="first", score="h2o"),
     "hybrid": dict(policy="hybrid", bits=4, budget=80, window=4, group_size=16, sinks="auto", max_sinks=2),
 }
 
@@ -128,6 +130,9 @@ def test_members_must_share_model_and_detector(model, tok):
         dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto"),
         dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4),
         dict(policy="evict", budget=20, window=8, sinks="punct", max_sinks=4),
+        dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4, score="tova"),
+        dict(policy="evict", budget=20, window=8, sinks="first", score="snapkv"),
+        dict(policy="evict", budget=20, window=8, sinks="none", score="h2o"),
         dict(policy="hybrid", bits=2, budget=80, window=4, group_size=16, sinks="auto", max_sinks=2),
         dict(policy="full"),
     ],
@@ -147,7 +152,7 @@ def test_fork_into_then_generate_equals_running_alone(model, tok, options):
     prefill(alone)
     expect = generate(model, ids, alone, 12, mask=mask)
 
-    shared = SharedPrefill(model, detector=AutoSinks(n_first=1, punct_ids=_punct(tok)))
+    shared = SharedPrefill(model, detector=AutoSinks(n_first=1, punct_ids=_punct(tok)), score_queries=(1, 32, None))
     prefill(shared.cache)
     fork = shared.fork_into(SinkCache(**options, model=model, tokenizer=tok))
     shared.close()
@@ -156,6 +161,16 @@ def test_fork_into_then_generate_equals_running_alone(model, tok, options):
     for a, b in zip(got.logits, expect.logits, strict=True):
         assert torch.equal(a, b)
     assert fork.stats()["memory_bytes"] == alone.stats()["memory_bytes"]
+
+
+def test_fork_refuses_an_attention_scorer_it_did_not_record(model, tok):
+    ids = torch.randint(3, len(tok), (1, 30))
+    shared = SharedPrefill(model, score_queries=(1,))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=shared.cache, use_cache=True)
+    with pytest.raises(ValueError, match="reads all queries, but the recorded forward measured \\[1\\]"):
+        shared.fork_into(SinkCache("evict", budget=20, window=8, score="h2o", model=model))
+    shared.close()
 
 
 def _punct(tok):

@@ -53,6 +53,10 @@ ATOL = 1e-5  # float32 logits: same math, different kernels/shapes
 TIGHT = {
     "evict": dict(policy="evict", budget=8, window=3),
     "evict_shifted": dict(policy="evict", budget=8, window=3, positions="shifted"),
+    # attention scorers (forward hooks): TOVA with measured sinks, H2O and SnapKV with the default sinks
+    "evict_tova": dict(policy="evict", budget=8, window=3, score="tova", sinks="auto"),
+    "evict_h2o": dict(policy="evict", budget=8, window=3, score="h2o"),
+    "evict_snapkv": dict(policy="evict", budget=8, window=3, score="snapkv"),
     "quantize": dict(policy="quantize", bits=2, window=2, group_size=4, sinks="auto"),
     "hybrid": dict(policy="hybrid", bits=4, budget=16, window=2, group_size=4, sinks="auto"),
 }
@@ -60,11 +64,13 @@ TIGHT = {
 ROOMY = {
     "evict": dict(policy="evict", budget=64),
     "evict_shifted": dict(policy="evict", budget=64, positions="shifted"),
+    "evict_tova": dict(policy="evict", budget=64, score="tova"),
+    "evict_h2o": dict(policy="evict", budget=64, score="h2o"),
     "quantize": dict(policy="quantize", bits=2, window=48, group_size=16),
     "hybrid": dict(policy="hybrid", bits=2, budget=160, window=48, group_size=16),
 }
 ALL = {"full": dict(policy="full"), **TIGHT}
-BUDGETED = ("evict", "evict_shifted", "hybrid")
+BUDGETED = ("evict", "evict_shifted", "evict_tova", "evict_h2o", "evict_snapkv", "hybrid")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -318,6 +324,9 @@ PAD_CFG = {
     "full": dict(policy="full"),
     "evict": dict(policy="evict", budget=10, window=4),  # budget < the short row's 12 or 13 tokens
     "evict_shifted": dict(policy="evict", budget=10, window=4, positions="shifted"),
+    "evict_tova": dict(policy="evict", budget=10, window=4, score="tova"),
+    "evict_h2o": dict(policy="evict", budget=10, window=4, score="h2o"),
+    "evict_snapkv": dict(policy="evict", budget=10, window=4, score="snapkv"),
     "quantize": dict(policy="quantize", bits=2, window=4, group_size=4),
     "hybrid": dict(policy="hybrid", bits=4, budget=20, window=4, group_size=4),
 }

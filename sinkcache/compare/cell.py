@@ -21,6 +21,9 @@ from .samples import merge_docs, per_doc, ruler_metric, task_scores
 _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "full": {"policy": "full"},
     "sink-evict": {"policy": "evict", "sinks": "auto"},
+    "sink-evict-tova": {"policy": "evict", "sinks": "auto", "score": "tova"},
+    "sink-evict-snapkv": {"policy": "evict", "sinks": "auto", "score": "snapkv"},
+    "sink-evict-h2o": {"policy": "evict", "sinks": "auto", "score": "h2o"},
     "recent-evict": {"policy": "evict", "sinks": "none"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},

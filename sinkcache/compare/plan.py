@@ -18,7 +18,10 @@ from typing import Any
 #: "hybrid" (bits and budget).
 POLICIES: dict[str, tuple[str, str, str]] = {
     "full": ("reference", "full", "full cache (DynamicCache-equivalent)"),
-    "sink-evict": ("ours", "evict", "sink-aware eviction: auto sinks + recent window (budget/2) + best-scored"),
+    "sink-evict": ("ours", "evict", "sink-aware eviction: auto sinks + recent window (budget/2) + best key-norm score"),
+    "sink-evict-tova": ("ours", "evict", "sink-aware eviction scored by the newest query's attention (TOVA-class)"),
+    "sink-evict-snapkv": ("ours", "evict", "sink-aware eviction scored by the last 32 queries' attention (SnapKV-class)"),
+    "sink-evict-h2o": ("ours", "evict", "sink-aware eviction scored by accumulated attention (H2O-class)"),
     "sink-quant": ("ours", "quant", "sink-aware KIVI quantization: auto sinks kept exact"),
     "sink-hybrid": ("ours", "hybrid", "sink-aware hybrid: KIVI quantization + eviction of whole groups"),
     "recent-evict": ("baseline", "evict", "no-sink eviction: pure recent window"),

@@ -24,10 +24,16 @@ from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK, RULER_TASKS, ruler_parts
 from .stats import Interval, ratio_of_sums, stratified_mean, verdict
 
 #: ours -> its no-sink (or no-protection) baseline in the same family.
-BASELINE_OF = {"sink-evict": "recent-evict", "sink-quant": "kivi", "sink-hybrid": "nosink-hybrid"}
-#: ours -> the peers it is compared with at the same nominal setting.
+_EVICT_OURS = ("sink-evict", "sink-evict-tova", "sink-evict-snapkv", "sink-evict-h2o")
+BASELINE_OF = {
+    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-hybrid": "nosink-hybrid",
+}
+_EVICT_PEERS = ("streamingllm", "kvpress-streaming_llm", "kvpress-snapkv", "kvpress-knorm", "kvpress-tova", "kvpress-expected_attention")
+#: ours -> the peers it is compared with at the same nominal setting (the attention-scored evictions
+#: are also compared with the key-norm one).
 PEERS_OF = {
-    "sink-evict": ("streamingllm", "kvpress-streaming_llm", "kvpress-snapkv", "kvpress-knorm", "kvpress-tova", "kvpress-expected_attention"),
+    "sink-evict": _EVICT_PEERS,
+    **{p: ("sink-evict", *_EVICT_PEERS) for p in _EVICT_OURS[1:]},
     "sink-quant": ("hf-quanto", "hf-hqq"),
 }
 
@@ -130,7 +136,7 @@ def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dic
         if POLICIES.get(pol, ("",))[0] != "ours":
             continue
         others = [("baseline", BASELINE_OF[pol])] if pol in BASELINE_OF else []
-        others += [("peer", p) for p in PEERS_OF.get(pol, ())]
+        others += [("ours" if POLICIES.get(p, ("",))[0] == "ours" else "peer", p) for p in PEERS_OF.get(pol, ())]
         for kind, other in others:
             o = by.get((other, _setting(r)))
             if o is None:

@@ -1,0 +1,43 @@
+"""Eviction scorers: one file per scorer, behind :class:`~sinkcache.scores.base.Scorer`.
+
+==========  ========================================================================  ============
+name        a held token's score                                                      needs
+==========  ========================================================================  ============
+keynorm     ``-||k||`` at arrival (Devoto et al.); query-free                          nothing
+tova        attention from the newest query, replaced every forward (TOVA)            ``model=``
+snapkv      mean attention from the last 32 queries, pooled at prefill (SnapKV)       ``model=``
+h2o         attention accumulated over every query since arrival (H2O)                ``model=``
+==========  ========================================================================  ============
+
+Attention scorers are fed by :mod:`sinkcache.scores.observe` (forward hooks; sdpa works).
+"""
+
+from __future__ import annotations
+
+from .base import Scorer
+from .h2o import H2OScorer
+from .keynorm import KeyNormScorer
+from .snapkv import SnapKVScorer
+from .tova import TOVAScorer
+
+SCORERS: dict[str, type[Scorer]] = {
+    "keynorm": KeyNormScorer,
+    "tova": TOVAScorer,
+    "snapkv": SnapKVScorer,
+    "h2o": H2OScorer,
+}
+SCORE_NAMES = tuple(SCORERS)
+#: The scorer ``policy="evict"`` uses when none is given (see README: why).
+DEFAULT_SCORE = "keynorm"
+
+
+def make_scorer(score: str | Scorer) -> Scorer:
+    """A scorer object from its name (or the object itself)."""
+    if isinstance(score, Scorer):
+        return score
+    if score not in SCORERS:
+        raise ValueError(f"score={score!r} is unknown; allowed: {', '.join(SCORE_NAMES)}")
+    return SCORERS[score]()
+
+
+__all__ = ["DEFAULT_SCORE", "SCORERS", "SCORE_NAMES", "H2OScorer", "KeyNormScorer", "Scorer", "SnapKVScorer", "TOVAScorer", "make_scorer"]
