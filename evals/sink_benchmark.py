@@ -65,9 +65,8 @@ import torch
 from sinkcache import SinkCache
 from sinkcache.analysis import attention_pass
 from sinkcache.calibration import token_chunks
-from sinkcache.detect import DEFAULT_THRESHOLD, AutoSinks
-from sinkcache.profile import ProfileSinks, load_profile
-from sinkcache.sinks import SinkSelector, punctuation_token_ids
+from sinkcache.sinks import AutoSinks, ProfileSinks, SinkSelector, load_profile, punctuation_token_ids
+from sinkcache.sinks.auto import DEFAULT_THRESHOLD
 
 ALL_CONFIGS = (
     "full", "none", "first", "punct", "auto", "auto-local", "random-matched", "punct-matched",

@@ -17,7 +17,7 @@ Definitions (all per layer x query head, on one text of ``T`` tokens; defaults i
 * **sink head**: a head putting at least ``head_threshold`` [0.3] of its attention on its sinks
   (first token included).
 * **class** of a token: ``first`` (position 0), ``newline`` (decodes to text containing a
-  newline), ``punctuation`` (punctuation/symbols only, see :func:`sinkcache.sinks.punctuation_token_ids`)
+  newline), ``punctuation`` (punctuation/symbols only, see :func:`sinkcache.sinks.punct.punctuation_token_ids`)
   or ``other``.
 * **segment** of a non-first sink ``s``: the run of queries ``s+1, s+2, ...`` for which ``s`` is
   the head's top non-first sink (the sink that query attends to most, first token excluded).
@@ -45,8 +45,8 @@ from typing import Any
 
 import torch
 
-from .detect import attention_modules
-from .sinks import _is_punct_text
+from .attention import attention_modules
+from .sinks.punct import is_punct_text
 
 TOKEN_CLASSES = ("first", "punctuation", "newline", "other")
 
@@ -69,7 +69,7 @@ def token_class(text: str, position: int) -> str:
         return "first"
     if "\n" in text:
         return "newline"
-    if text.strip() and _is_punct_text(text):
+    if text.strip() and is_punct_text(text):
         return "punctuation"
     return "other"
 

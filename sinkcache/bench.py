@@ -482,7 +482,7 @@ def bench(
     contexts = tuple(contexts or preset["contexts"])  # type: ignore[arg-type]
     reps = int(reps or preset["reps"])  # type: ignore[call-overload]
     decode_tokens = int(decode_tokens or preset["decode_tokens"])  # type: ignore[call-overload]
-    from .profile import PROFILE_DIR
+    from .sinks.profile import PROFILE_DIR
 
     prof_path = PROFILE_DIR / f"{model_name}.json"
     specs = default_specs(budget, model_name if prof_path.exists() else None)

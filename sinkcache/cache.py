@@ -94,7 +94,7 @@ class SinkCache(Cache):
         if profile is not None:
             if sinks not in (None, "profile"):
                 raise ValueError(f"profile= selects sinks by token id; it cannot be combined with sinks={sinks!r}")
-            from .profile import ProfileSinks
+            from .sinks.profile import ProfileSinks
 
             # n_first=None: the profile's own n_first (it was measured with it).
             sel = ProfileSinks(profile, n_first=n_first, max_sinks=max_sinks)
@@ -381,7 +381,7 @@ def _make_sinks(policy: Policy, sinks, n_first: int | None, max_sinks: int | Non
             raise ValueError("sinks='punct' needs tokenizer= (to know which token ids are punctuation)")
         return PunctSinks(punctuation_token_ids(tokenizer), n_first=n_first, max_sinks=cap)
     # "auto": measured sinks when the cache can see the model; the first token otherwise.
-    from .detect import make_auto_sinks
+    from .sinks.auto import make_auto_sinks
 
     return make_auto_sinks(n_first=n_first, max_sinks=cap, model=model, tokenizer=tokenizer)
 

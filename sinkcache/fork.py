@@ -21,18 +21,19 @@ from typing import Any
 
 import torch
 
+from .attention import attention_modules
 from .cache import SinkCache
-from .detect import AutoSinks, attention_modules
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
 from .policies import QuantizePolicy
 from .scores.observe import attention_received, project_q
 from .sinks import NoSinks
+from .sinks.auto import AutoSinks
 
 __all__ = ["SharedPrefill", "detector_config"]
 
 
 def detector_config(sel: Any) -> tuple | None:
-    """What an :class:`~sinkcache.detect.AutoSinks` measures depends on (not ``max_sinks``: the
+    """What an :class:`~sinkcache.sinks.AutoSinks` measures depends on (not ``max_sinks``: the
     layers apply that cap when they mark). ``None`` for selectors that measure nothing."""
     if not isinstance(sel, AutoSinks):
         return None
@@ -45,7 +46,7 @@ class SharedPrefill:
 
     Args:
         model: the model the forks will run with.
-        detector: an :class:`~sinkcache.detect.AutoSinks` configured like the forks' (its
+        detector: an :class:`~sinkcache.sinks.AutoSinks` configured like the forks' (its
             measurements are copied into every fork whose selector has the same
             :func:`detector_config`); ``None`` when no fork uses ``sinks="auto"``.
 

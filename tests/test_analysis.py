@@ -24,7 +24,8 @@ from sinkcache.analysis import (
     received_from_following,
     token_class,
 )
-from sinkcache.detect import AutoSinks, attention_modules, received_attention
+from sinkcache.attention import attention_modules
+from sinkcache.sinks.auto import AutoSinks, received_attention
 
 
 def planted_ids(length: int = 96, sink_at: int = 20, seed: int = 0) -> torch.Tensor:
@@ -59,7 +60,7 @@ class FakeTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# the runtime detector (sinkcache.detect)
+# the runtime detector (sinkcache.sinks.auto)
 
 
 def _capture(model, ids):

@@ -24,8 +24,7 @@ from sinkcache.compare.lms import fit_budget
 from sinkcache.compare.plan import Cell, plan, run_key
 from sinkcache.evaluation import SinkCacheLM, cache_options, merge_configs
 from sinkcache.policies import EvictPolicy, FullPolicy, HybridPolicy, QuantizePolicy
-from sinkcache.profile import ProfileSinks, load_profile
-from sinkcache.sinks import FirstSinks, NoSinks
+from sinkcache.sinks import FirstSinks, NoSinks, ProfileSinks, load_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,10 @@ from test_evals import _byte_tokenizer, _gen_requests, _ll_requests, _roll_reque
 
 from sinkcache import SinkCache
 from sinkcache.compare.lms import FractionLM
-from sinkcache.detect import AutoSinks
 from sinkcache.evaluation import SinkCacheLM
 from sinkcache.fork import SharedPrefill
 from sinkcache.fork_lm import ForkLM
+from sinkcache.sinks import AutoSinks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

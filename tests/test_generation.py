@@ -39,8 +39,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from sinkcache import SinkCache
-from sinkcache.detect import AutoSinks
 from sinkcache.layers import CompressingLayer, QuantizedLayer
+from sinkcache.sinks import AutoSinks
 
 ATTNS = ["eager", "sdpa"]
 L, N = 14, 6  # prompt length and new tokens for most tests

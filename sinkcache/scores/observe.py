@@ -16,20 +16,10 @@ from typing import Any
 
 import torch
 
-from ..detect import _rope, attention_modules
+from ..attention import attention_modules, project_q
 
 #: Queries per chunk when a scorer reads every query of a long forward (bounds the score matrix).
 QUERY_CHUNK = 256
-
-
-def project_q(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int) -> torch.Tensor:
-    """Queries of the last ``w`` positions ``[B, Hq, w, D]``, post-norm and post-RoPE, float32."""
-    b = hidden_states.shape[0]
-    d = module.head_dim
-    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
-    if getattr(module, "q_norm", None) is not None:
-        q = module.q_norm(q)
-    return _rope(q, cos[:, -w:], sin[:, -w:]).float()
 
 
 def attention_received(

@@ -1,4 +1,4 @@
-"""The runtime sink detector (``sinks="auto"``, :mod:`sinkcache.detect`) on a tiny planted-sink model.
+"""The runtime sink detector (``sinks="auto"``, :mod:`sinkcache.sinks.auto`) on a tiny planted-sink model.
 
 The planted model (as in tests/test_analysis.py): every query carries a constant component in one
 head dimension and only token ``SINK`` has a key there, so every later query attends to it. All
@@ -13,7 +13,7 @@ import torch
 from planted import NORMAL, SINK, planted_model
 
 from sinkcache import SinkCache
-from sinkcache.detect import AutoSinks, make_auto_sinks, window_attention
+from sinkcache.sinks.auto import AutoSinks, make_auto_sinks, window_attention
 
 QUIET = 60  # a "punctuation" id that draws no attention
 

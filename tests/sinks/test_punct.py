@@ -1,8 +1,7 @@
-"""Sink selectors (``sinkcache/sinks.py``) at their boundaries, end to end through ``generate``.
+"""PunctSinks (``sinkcache/sinks/punct.py``): first token plus punctuation ids, and degenerate prompts end to end through ``generate``.
 
-The punctuation baseline is the selector most likely to meet degenerate prompts: every token
-punctuation (a sink candidate everywhere, so the cap must hold and eviction must still make room),
-or none (only the first token is protected). Both must keep every cache invariant.
+Every token punctuation (a sink candidate everywhere, so the cap must hold and eviction must still
+make room), or none (only the first token is protected): both must keep every cache invariant.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from helpers import check_invariants, generate
 
 from sinkcache import SinkCache
 from sinkcache.layers import EvictingLayer, QuantizedLayer
-from sinkcache.sinks import FirstSinks, NoSinks, PunctSinks
+from sinkcache.sinks import PunctSinks
 
 # prompt() draws ids from [3, 128): "all punctuation" declares every one of them a punctuation id,
 # "no punctuation" declares only ids the prompt never contains.
@@ -74,14 +73,3 @@ def test_punct_sinks_keep_the_first_token_and_punctuation_only():
     got = PunctSinks([9, 0], n_first=1).mark(0, cols, ctx, keys)[:, 0]
     want = torch.tensor([[False, False, True, True, False, True], [True, False, True, False, True, False]])
     assert torch.equal(got, want)
-
-
-def test_first_and_none_selectors():
-    from sinkcache.context import TokenContext
-
-    ctx = TokenContext()
-    ctx.observe(torch.tensor([[0, 4, 5, 6]]), torch.tensor([[0, 1, 1, 1]]), past=0)
-    keys = torch.zeros(1, 2, 4, 4)
-    first = FirstSinks(n_first=2).mark(0, torch.arange(4), ctx, keys)[0, 0]
-    assert first.tolist() == [False, True, True, False]
-    assert not NoSinks().mark(0, torch.arange(4), ctx, keys).any()

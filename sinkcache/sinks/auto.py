@@ -15,7 +15,7 @@ layers are left alone).
   kv-head, is at least ``threshold`` and at least ``min_ratio`` times what uniform attention
   would give it (which only matters where queries see few keys, at the start of a prompt).
 * **Decoding** (one token per forward): a newly generated punctuation/newline token (ids from the
-  tokenizer, see :func:`sinkcache.sinks.punctuation_token_ids`) becomes a *candidate*; each later
+  tokenizer, see :func:`sinkcache.sinks.punct.punctuation_token_ids`) becomes a *candidate*; each later
   query adds the attention it gives the candidate (same softmax over context + recent keys), and
   the candidate is confirmed as a sink if its mean is at least ``threshold`` when the layer
   compresses it. Other generated tokens are never sinks. Without a tokenizer there are no
@@ -40,8 +40,11 @@ from typing import Any
 
 import torch
 
-from .context import TokenContext
-from .sinks import FirstSinks, SinkSelector, punctuation_token_ids
+from ..attention import attention_modules, project_k, project_qk
+from ..context import TokenContext
+from .base import SinkSelector
+from .first import FirstSinks
+from .punct import punctuation_token_ids
 
 #: Default mean attention (from the observation window) that makes a key a sink. Chosen on the
 #: calibration split of smollm2-135m (2-bit keys/values, window 0) as the threshold with the most
@@ -56,53 +59,6 @@ DEFAULT_BANK = 64
 #: A prefill key must also draw this many times the share uniform attention would give it (this
 #: only binds where queries see few keys, e.g. the start of a prompt, where 1/n is large).
 DEFAULT_MIN_RATIO = 4.0
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply rotary embedding; ``x`` ``[B, H, T, D]``, cos/sin ``[B, T, D]``."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
-def attention_modules(model) -> list[tuple[int, Any]]:
-    """``(layer_idx, attention module)`` for every decoder layer that projects q/k separately."""
-    out = []
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if idx is not None and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            out.append((int(idx), module))
-    return out
-
-
-def project_qk(
-    module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries of the last ``w`` positions ``[B, Hq, w, D]`` and keys of all ``[B, Hk, T, D]``,
-    post-norm and post-RoPE, float32 (what the attention module computes)."""
-    b, t, _ = hidden_states.shape
-    d = module.head_dim
-    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
-    k = module.k_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
-    if getattr(module, "q_norm", None) is not None:
-        q = module.q_norm(q)
-    if getattr(module, "k_norm", None) is not None:
-        k = module.k_norm(k)
-    q = _rope(q, cos[:, -w:], sin[:, -w:])
-    k = _rope(k, cos, sin)
-    return q.float(), k.float()
-
-
-def project_k(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Keys ``[B, Hk, T, D]``, post-norm and post-RoPE, float32."""
-    b, t, _ = hidden_states.shape
-    k = module.k_proj(hidden_states).view(b, t, -1, module.head_dim).transpose(1, 2)
-    if getattr(module, "k_norm", None) is not None:
-        k = module.k_norm(k)
-    return _rope(k, cos, sin).float()
 
 
 def window_attention(

@@ -1,0 +1,72 @@
+"""Recomputing what an attention module computes, from its input, in forward hooks.
+
+Both runtime hook users — the sink detector (:mod:`sinkcache.sinks.auto`) and the attention
+scorers' observer (:mod:`sinkcache.scores.observe`) — need the queries and keys a decoder layer's
+attention used, and sdpa/flash attention return no weights. These helpers rebuild them from the
+module's ``hidden_states`` and ``position_embeddings`` (``q_proj``/``k_proj``, QK-norm, RoPE), so no
+transformers code is patched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The RoPE partner of ``x`` ``[..., D]``: its two halves swapped, the first negated."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding; ``x`` ``[B, H, T, D]``, cos/sin ``[B, T, D]``."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def attention_modules(model) -> list[tuple[int, Any]]:
+    """``(layer_idx, attention module)`` for every decoder layer that projects q/k separately."""
+    out = []
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+            out.append((int(idx), module))
+    return out
+
+
+def project_qk(
+    module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries of the last ``w`` positions ``[B, Hq, w, D]`` and keys of all ``[B, Hk, T, D]``,
+    post-norm and post-RoPE, float32 (what the attention module computes)."""
+    b, t, _ = hidden_states.shape
+    d = module.head_dim
+    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
+    k = module.k_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
+    if getattr(module, "q_norm", None) is not None:
+        q = module.q_norm(q)
+    if getattr(module, "k_norm", None) is not None:
+        k = module.k_norm(k)
+    q = apply_rope(q, cos[:, -w:], sin[:, -w:])
+    k = apply_rope(k, cos, sin)
+    return q.float(), k.float()
+
+
+def project_k(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys ``[B, Hk, T, D]``, post-norm and post-RoPE, float32."""
+    b, t, _ = hidden_states.shape
+    k = module.k_proj(hidden_states).view(b, t, -1, module.head_dim).transpose(1, 2)
+    if getattr(module, "k_norm", None) is not None:
+        k = module.k_norm(k)
+    return apply_rope(k, cos, sin).float()
+
+
+def project_q(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int) -> torch.Tensor:
+    """Queries of the last ``w`` positions ``[B, Hq, w, D]``, post-norm and post-RoPE, float32."""
+    b = hidden_states.shape[0]
+    d = module.head_dim
+    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
+    if getattr(module, "q_norm", None) is not None:
+        q = module.q_norm(q)
+    return apply_rope(q, cos[:, -w:], sin[:, -w:]).float()

@@ -1,0 +1,52 @@
+"""The attention observer (``sinkcache/scores/observe.py``): masks, and hooks that follow the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt
+
+from sinkcache import SinkCache
+from sinkcache.scores.observe import attention_received
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prefill(model, cache, ids):
+    """One prompt forward with eager attention weights; returns ``{layer: [B, Hk, q, T] weights
+    averaged over each kv group's query heads}``."""
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
+    hk = model.config.num_key_value_heads
+    res = {}
+    for i, a in enumerate(out.attentions):
+        b, hq, q, t = a.shape
+        res[i] = a.view(b, hk, hq // hk, q, t).mean(2)
+    return res
+
+
+def test_attention_received_masks_pads_future_keys_and_pad_queries():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 3, 8)
+    keys = torch.randn(2, 2, 5, 8)
+    pos = torch.arange(5, dtype=torch.int32).view(1, 1, 5).expand(2, 2, 5)
+    attn, nq = attention_received(q, keys, pos, torch.tensor([2, 3, 4]), torch.tensor([0, 3]), 0.5)
+    assert nq.tolist() == [3, 2]  # row 1: column 2 is a pad query
+    assert torch.all(attn[1, :, :3] == 0)  # pad keys get nothing
+    # row 0: key 4 is seen only by the query at column 4; key 3 by columns 3 and 4
+    s = torch.einsum("bhwd,bhtd->bhwt", q[:1].view(1, 2, 2, 3, 8).flatten(1, 2), keys[:1].repeat_interleave(2, 1)) * 0.5
+    s = s.masked_fill(torch.arange(5).view(1, 5) > torch.tensor([2, 3, 4]).view(3, 1), float("-inf"))
+    ref = s.softmax(-1).sum(2).view(1, 2, 2, 5).mean(2)
+    torch.testing.assert_close(attn[:1], ref)
+
+
+def test_observer_hooks_follow_the_cache(tiny):
+    """Hooks act only for their own cache, and go away with it (one model serves many caches)."""
+    m = tiny("llama", "sdpa")
+    a = SinkCache("evict", budget=64, score="tova", model=m)
+    b = SinkCache("evict", budget=64, score="tova", model=m)
+    with torch.no_grad():
+        m(input_ids=prompt(10), past_key_values=a, use_cache=True)
+    assert a.get_seq_length() == 10 and b.get_seq_length() == 0
+    a.detach()
+    assert a._observer is not None and a._observer._handles == []
