@@ -9,6 +9,7 @@ transformers code is patched.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -70,3 +71,46 @@ def project_q(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch
     if getattr(module, "q_norm", None) is not None:
         q = module.q_norm(q)
     return apply_rope(q, cos[:, -w:], sin[:, -w:]).float()
+
+
+class CacheHooks:
+    """Forward hooks on every attention module of a model that act for *one* cache.
+
+    The cache is held by weak reference: a forward with another cache (or none) is ignored, and once
+    the cache is gone the hooks remove themselves. Subclasses implement :meth:`on_forward`, called
+    after the module ran (so after the layer's ``update``) with its ``hidden_states`` ``[B, q,
+    hidden]`` and ``position_embeddings`` ``(cos, sin)`` (``None`` when the module was not given them).
+    """
+
+    _handles: list
+
+    def attach(self, model: Any, cache: Any) -> None:
+        """Install the hooks on ``model``'s attention modules, acting for ``cache`` only."""
+        ref = weakref.ref(cache)
+        self._handles = list(getattr(self, "_handles", []))
+        for idx, module in attention_modules(model):
+            self._handles.append(module.register_forward_hook(self._hook_for(idx, ref), with_kwargs=True))
+
+    def _hook_for(self, idx: int, ref: Any):
+        def hook(module, args, kwargs, output):
+            cache = ref()
+            if cache is None:
+                self.detach()
+                return None
+            if kwargs.get("past_key_values") is not cache or idx >= len(cache.layers):
+                return None
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            with torch.no_grad():
+                self.on_forward(idx, module, cache, hs, kwargs.get("position_embeddings"))
+            return None
+
+        return hook
+
+    def on_forward(self, idx: int, module: Any, cache: Any, hs: torch.Tensor | None, pe: Any) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []

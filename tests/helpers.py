@@ -201,3 +201,16 @@ def _check_quantized(i: int, layer: QuantizedLayer, seen: int, k: int, pad: list
                 continue  # still exact in the window
             assert bool((col[row] == c).any(-1).all()), f"layer {i}: column {c} of row {row} is not an exact sink"
             assert bool((gid[row] == c // g).any(-1).all()), f"layer {i}: the group of sink column {c} was evicted"
+
+
+def eager_prefill(model, cache, ids):
+    """One prompt forward with eager attention weights; returns ``{layer: [B, Hk, q, T] weights
+    averaged over each kv group's query heads}``."""
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
+    hk = model.config.num_key_value_heads
+    res = {}
+    for i, a in enumerate(out.attentions):
+        b, hq, q, t = a.shape
+        res[i] = a.view(b, hk, hq // hk, q, t).mean(2)
+    return res

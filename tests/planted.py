@@ -42,3 +42,34 @@ def planted_model(attn: str = "sdpa", layers: int = 1, strength: float = 6.0) ->
             for g in range(cfg.num_key_value_heads):
                 att.k_proj.weight[g * HEAD_DIM + j, 0] = strength
     return model
+
+
+class FakeTokenizer:
+    bos_token_id = None
+
+    def decode(self, ids):
+        return "".join("." if int(i) == SINK else f" w{int(i)}" for i in ids)
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        class Enc:
+            input_ids = [[1, 2]] if return_tensors is None else torch.tensor([[1, 2]])
+
+        return Enc()
+
+
+def sample(length: int, sinks_at: tuple[int, ...], seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 128, (length,), generator=g)
+    ids[ids == SINK] = NORMAL
+    for p in sinks_at:
+        ids[p] = SINK
+    return ids.tolist()
+
+
+def planted_profile_dict() -> dict:
+    """A profile measured on the planted model (2 layers; the sink at columns 5 and 40)."""
+    from sinkcache.profile import build_profile
+
+    model = planted_model(layers=2)
+    texts = [sample(96, (5, 40), seed=s) for s in range(3)]
+    return build_profile(model, FakeTokenizer(), texts, threshold=0.1, min_count=3, min_rate=0.5, model_name="tiny")

@@ -3,37 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from planted import NORMAL, SINK, planted_model
+from planted import SINK, FakeTokenizer, planted_model, planted_profile_dict, sample
 
 from sinkcache.calibration import MODULES, SPLITS, documents, split_of, token_chunks
-from sinkcache.context import TokenContext
 from sinkcache.profile import build_profile, profile_command
 from sinkcache.sinks.profile import (
     load_profile,
 )
-
-
-class FakeTokenizer:
-    bos_token_id = None
-
-    def decode(self, ids):
-        return "".join("." if int(i) == SINK else f" w{int(i)}" for i in ids)
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        class Enc:
-            input_ids = [[1, 2]] if return_tensors is None else torch.tensor([[1, 2]])
-
-        return Enc()
-
-
-def sample(length: int, sinks_at: tuple[int, ...], seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, 128, (length,), generator=g)
-    ids[ids == SINK] = NORMAL
-    for p in sinks_at:
-        ids[p] = SINK
-    return ids.tolist()
 
 
 class CharTokenizer:
@@ -57,22 +33,8 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def planted_profile():
-    model = planted_model(layers=2)
-    texts = [sample(96, (5, 40), seed=s) for s in range(3)]
-    return build_profile(model, FakeTokenizer(), texts, threshold=0.1, min_count=3, min_rate=0.5, model_name="tiny")
+    return planted_profile_dict()
 
-
-def _ctx(ids: list[list[int]], pad=None) -> TokenContext:
-    ctx = TokenContext()
-    ctx.keep_ids = True
-    t = torch.tensor(ids)
-    mask = None
-    if pad is not None:
-        mask = torch.ones_like(t)
-        for b, p in enumerate(pad):
-            mask[b, :p] = 0
-    ctx.observe(t, mask, 0)
-    return ctx
 
 
 def test_splits_are_disjoint_and_stable():

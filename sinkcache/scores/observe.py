@@ -11,12 +11,11 @@ query heads (GQA). The layer's scorer turns that into scores.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 
-from ..attention import attention_modules, project_q
+from ..attention import CacheHooks, project_q
 
 #: Queries per chunk when a scorer reads every query of a long forward (bounds the score matrix).
 QUERY_CHUNK = 256
@@ -57,46 +56,20 @@ def attention_received(
     return attn, q_ok.sum(-1)
 
 
-class AttentionObserver:
+class AttentionObserver(CacheHooks):
     """Hooks that feed the attention scorers of ``cache``'s evicting layers (one per cache)."""
 
-    def __init__(self) -> None:
-        self._handles: list = []
-
-    def attach(self, model: Any, cache: Any) -> None:
-        ref = weakref.ref(cache)
-        for idx, module in attention_modules(model):
-            self._handles.append(module.register_forward_hook(self._make_hook(idx, ref), with_kwargs=True))
-
-    def _make_hook(self, idx: int, ref):
-        def hook(module, args, kwargs, output):
-            cache = ref()
-            if cache is None:
-                self.detach()
-                return None
-            if kwargs.get("past_key_values") is not cache or idx >= len(cache.layers):
-                return None
-            layer = cache.layers[idx]
-            scorer = getattr(layer, "scorer", None)
-            if scorer is None or not scorer.needs_attention or not layer.is_initialized:
-                return None
-            hs = kwargs.get("hidden_states", args[0] if args else None)
-            pe = kwargs.get("position_embeddings")
-            if hs is None or pe is None:
-                raise RuntimeError(
-                    f"score={scorer.name!r} needs the attention module's hidden_states and position_embeddings; "
-                    f"{type(module).__name__} does not pass them (use score='keynorm')"
-                )
-            with torch.no_grad():
-                observe_layer(layer, module, hs, pe[0], pe[1], cache.ctx)
-            return None
-
-        return hook
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def on_forward(self, idx, module, cache, hs, pe) -> None:
+        layer = cache.layers[idx]
+        scorer = getattr(layer, "scorer", None)
+        if scorer is None or not scorer.needs_attention or not layer.is_initialized:
+            return
+        if hs is None or pe is None:
+            raise RuntimeError(
+                f"score={scorer.name!r} needs the attention module's hidden_states and position_embeddings; "
+                f"{type(module).__name__} does not pass them (use score='keynorm')"
+            )
+        observe_layer(layer, module, hs, pe[0], pe[1], cache.ctx)
 
 
 def observe_layer(layer: Any, module: Any, hs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> None:

@@ -34,13 +34,12 @@ this definition (docs/sinks.md).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..attention import attention_modules, project_k, project_qk
+from ..attention import CacheHooks, attention_modules, project_k, project_qk
 from ..context import TokenContext
 from .base import SinkSelector
 from .first import FirstSinks
@@ -166,7 +165,7 @@ class _LayerState:
                 setattr(self, name, fn(t))
 
 
-class AutoSinks(SinkSelector):
+class AutoSinks(CacheHooks, SinkSelector):
     """First token(s) plus keys measured to draw at least ``threshold`` attention.
 
     Args:
@@ -216,33 +215,14 @@ class AutoSinks(SinkSelector):
         self.state: dict[int, _LayerState] = {}
         self._handles: list = []
 
-    # ---- hooks ----------------------------------------------------------------------------------
-    def attach(self, model, cache) -> None:
-        """Install observation hooks on ``model``'s attention modules, acting for ``cache`` only."""
-        ref = weakref.ref(cache)
-        for idx, module in attention_modules(model):
-            self._handles.append(module.register_forward_hook(self._make_hook(idx, ref), with_kwargs=True))
-
-    def _make_hook(self, idx: int, ref):
-        def hook(module, args, kwargs, output):
-            cache = ref()
-            if cache is None:
-                self.detach()
-                return None
-            if kwargs.get("past_key_values") is not cache:
-                return None
-            hs = kwargs.get("hidden_states", args[0] if args else None)
-            pe = kwargs.get("position_embeddings")
-            if hs is None or pe is None or idx >= len(cache.layers):
-                return None
-            layer = cache.layers[idx]
-            if getattr(layer, "is_sliding", False) or not hasattr(layer, "sink_count"):
-                return None  # a layer the cache does not compress: nothing to decide
-            with torch.no_grad():
-                self.observe(idx, module, hs, pe[0], pe[1], cache.get_seq_length(idx) - hs.shape[1], cache.ctx)
-            return None
-
-        return hook
+    # ---- hooks (CacheHooks) -------------------------------------------------------------------------
+    def on_forward(self, idx, module, cache, hs, pe) -> None:
+        if hs is None or pe is None:
+            return
+        layer = cache.layers[idx]
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "sink_count"):
+            return  # a layer the cache does not compress: nothing to decide
+        self.observe(idx, module, hs, pe[0], pe[1], cache.get_seq_length(idx) - hs.shape[1], cache.ctx)
 
     def observe(self, idx: int, module, hs: torch.Tensor, cos, sin, start: int, ctx: TokenContext) -> None:
         """Measure one forward of layer ``idx`` (``hs`` ``[B, T, D]``, its first column ``start``)."""
@@ -390,11 +370,6 @@ class AutoSinks(SinkSelector):
             col = getattr(st, f"{kind}_col")
             if col and max(col) >= start:
                 self._keep(st, kind, [i for i, c in enumerate(col) if c < start])
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def reset(self) -> None:
         self.state.clear()

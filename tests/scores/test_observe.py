@@ -12,19 +12,6 @@ from sinkcache.scores.observe import attention_received
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _prefill(model, cache, ids):
-    """One prompt forward with eager attention weights; returns ``{layer: [B, Hk, q, T] weights
-    averaged over each kv group's query heads}``."""
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
-    hk = model.config.num_key_value_heads
-    res = {}
-    for i, a in enumerate(out.attentions):
-        b, hq, q, t = a.shape
-        res[i] = a.view(b, hk, hq // hk, q, t).mean(2)
-    return res
-
-
 def test_attention_received_masks_pads_future_keys_and_pad_queries():
     torch.manual_seed(0)
     q = torch.randn(2, 4, 3, 8)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import prompt
+from helpers import eager_prefill
 
 from sinkcache import SinkCache
 from sinkcache.policies import make_policy
@@ -17,19 +17,6 @@ from sinkcache.scores import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _prefill(model, cache, ids):
-    """One prompt forward with eager attention weights; returns ``{layer: [B, Hk, q, T] weights
-    averaged over each kv group's query heads}``."""
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
-    hk = model.config.num_key_value_heads
-    res = {}
-    for i, a in enumerate(out.attentions):
-        b, hq, q, t = a.shape
-        res[i] = a.view(b, hk, hq // hk, q, t).mean(2)
-    return res
 
 
 def test_score_names_and_objects():
@@ -81,7 +68,7 @@ def test_eviction_keeps_the_best_scored_and_always_the_protected(tiny):
     budget, window = 8, 3
     cache = SinkCache("evict", budget=budget, window=window, score="tova", sinks="first", model=m)
     ids = prompt(20)
-    _prefill(m, cache, ids)
+    eager_prefill(m, cache, ids)
     scores = [layer.score.clone() for layer in cache.layers]
     cache.compress()
     for layer, s in zip(cache.layers, scores):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt
+from helpers import eager_prefill
 
 from sinkcache import SinkCache
 from sinkcache.policies import EvictPolicy
@@ -15,30 +16,17 @@ from sinkcache.scores import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _prefill(model, cache, ids):
-    """One prompt forward with eager attention weights; returns ``{layer: [B, Hk, q, T] weights
-    averaged over each kv group's query heads}``."""
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
-    hk = model.config.num_key_value_heads
-    res = {}
-    for i, a in enumerate(out.attentions):
-        b, hq, q, t = a.shape
-        res[i] = a.view(b, hk, hq // hk, q, t).mean(2)
-    return res
-
-
 def test_snapkv_pools_the_window_mean_at_prefill_then_keeps_a_running_mean(tiny):
     m = tiny("llama", "eager")
     sc = SnapKVScorer(window=4, kernel=3)
     cache = SinkCache(EvictPolicy(budget=64, score=sc), model=m)
-    att = _prefill(m, cache, prompt(20))
+    att = eager_prefill(m, cache, prompt(20))
     for i, layer in enumerate(cache.layers):
         mean = att[i][:, :, -4:].mean(2).float()
         pooled = torch.nn.functional.max_pool1d(mean.flatten(0, 1).unsqueeze(1), 3, 1, 1).view_as(mean)
         torch.testing.assert_close(layer.score, pooled, atol=1e-5, rtol=1e-4)
     before = [layer.score.clone() for layer in cache.layers]
-    att2 = _prefill(m, cache, prompt(1, seed=3))
+    att2 = eager_prefill(m, cache, prompt(1, seed=3))
     for i, layer in enumerate(cache.layers):
         old = torch.cat([before[i], torch.zeros_like(before[i][..., :1])], -1)
         count = (layer.seen - layer.pos.float()).clamp(1, 4)

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from planted import NORMAL, SINK, planted_model
+from planted import planted_model, planted_profile_dict, sample
 
 from sinkcache import SinkCache
 from sinkcache.context import TokenContext
-from sinkcache.profile import build_profile
 from sinkcache.sinks.profile import (
     PROFILE_DIR,
     ProfileSinks,
@@ -18,54 +17,6 @@ from sinkcache.sinks.profile import (
     save_profile,
     shipped_profile_path,
 )
-
-
-class FakeTokenizer:
-    bos_token_id = None
-
-    def decode(self, ids):
-        return "".join("." if int(i) == SINK else f" w{int(i)}" for i in ids)
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        class Enc:
-            input_ids = [[1, 2]] if return_tensors is None else torch.tensor([[1, 2]])
-
-        return Enc()
-
-
-def sample(length: int, sinks_at: tuple[int, ...], seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, 128, (length,), generator=g)
-    ids[ids == SINK] = NORMAL
-    for p in sinks_at:
-        ids[p] = SINK
-    return ids.tolist()
-
-
-class CharTokenizer:
-    """Deterministic stand-in: one token per byte; optional BOS."""
-
-    def __init__(self, bos=None):
-        self.bos_token_id = bos
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        ids = list(text.encode("utf-8"))
-        if add_special_tokens and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-
-        class Enc:
-            pass
-
-        e = Enc()
-        e.input_ids = ids
-        return e
-
-
-@pytest.fixture(scope="module")
-def planted_profile():
-    model = planted_model(layers=2)
-    texts = [sample(96, (5, 40), seed=s) for s in range(3)]
-    return build_profile(model, FakeTokenizer(), texts, threshold=0.1, min_count=3, min_rate=0.5, model_name="tiny")
 
 
 def _ctx(ids: list[list[int]], pad=None) -> TokenContext:
@@ -79,6 +30,12 @@ def _ctx(ids: list[list[int]], pad=None) -> TokenContext:
             mask[b, :p] = 0
     ctx.observe(t, mask, 0)
     return ctx
+
+
+@pytest.fixture(scope="module")
+def planted_profile():
+    return planted_profile_dict()
+
 
 
 def test_save_load_roundtrip(tmp_path, planted_profile):
