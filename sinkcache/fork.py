@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .attention import attention_modules
+from .attention import CacheHooks, project_q
 from .cache import SinkCache
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
 from .policies import QuantizePolicy
-from .scores.observe import attention_received, project_q
+from .scores.observe import attention_received
 from .sinks import NoSinks
 from .sinks.auto import AutoSinks
 
@@ -41,7 +41,7 @@ def detector_config(sel: Any) -> tuple | None:
     return (sel.n_first, sel.threshold, sel.obs_window, sel.context, sel.bank_size, sel.min_ratio, punct)
 
 
-class SharedPrefill:
+class SharedPrefill(CacheHooks):
     """One prompt forward recorded for many caches.
 
     Args:
@@ -72,42 +72,29 @@ class SharedPrefill:
         # its own forward; record it once per distinct query count they read (None: every query).
         self.score_queries = tuple(dict.fromkeys(score_queries))
         self.attention: dict[int, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._handles = [] if not self.score_queries else self._record_attention(model)
+        if self.score_queries:
+            self.attach(model, self.cache)
 
-    def _record_attention(self, model: Any) -> list:
-        ref = self.cache
-
-        def make(idx: int):
-            def hook(module, args, kwargs, output):
-                if kwargs.get("past_key_values") is not ref or idx >= len(ref.layers):
-                    return None
-                layer = ref.layers[idx]
-                if not isinstance(layer, QuantizedLayer):
-                    return None  # a sliding layer: never evicted by an EvictingLayer
-                hs, pe = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings")
-                if hs is None or pe is None:
-                    raise RuntimeError(f"{type(module).__name__} passes no hidden_states/position_embeddings: attention scorers cannot fork")
-                b, t = hs.shape[0], hs.shape[1]
-                pos = torch.arange(t, device=hs.device, dtype=torch.int32).view(1, 1, t).expand(b, layer.win_k.shape[1], t)
-                pad = ref.ctx.pad_counts(b, hs.device)
-                with torch.no_grad():
-                    for nq in self.score_queries:
-                        w = t if nq is None else min(nq, t)
-                        q = project_q(module, hs, pe[0], pe[1], w)
-                        cols = torch.arange(t - w, t, device=hs.device)
-                        self.attention.setdefault(idx, {})[nq] = attention_received(q, layer.win_k, pos, cols, pad, module.scaling)
-                return None
-
-            return hook
-
-        return [m.register_forward_hook(make(i), with_kwargs=True) for i, m in attention_modules(model)]
+    def on_forward(self, idx: int, module: Any, cache: Any, hs: torch.Tensor | None, pe: Any) -> None:
+        """(CacheHooks) Record the attention the prompt's last queries give its keys, per layer."""
+        layer = cache.layers[idx]
+        if not isinstance(layer, QuantizedLayer):
+            return  # a sliding layer: never evicted by an EvictingLayer
+        if hs is None or pe is None:
+            raise RuntimeError(f"{type(module).__name__} passes no hidden_states/position_embeddings: attention scorers cannot fork")
+        b, t = hs.shape[0], hs.shape[1]
+        pos = torch.arange(t, device=hs.device, dtype=torch.int32).view(1, 1, t).expand(b, layer.win_k.shape[1], t)
+        pad = cache.ctx.pad_counts(b, hs.device)
+        for nq in self.score_queries:
+            w = t if nq is None else min(nq, t)
+            q = project_q(module, hs, pe[0], pe[1], w)
+            cols = torch.arange(t - w, t, device=hs.device)
+            self.attention.setdefault(idx, {})[nq] = attention_received(q, layer.win_k, pos, cols, pad, module.scaling)
 
     def close(self) -> None:
         """Remove the recording cache's hooks from the model."""
         self.cache.detach()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.detach()
 
     def fork_into(self, cache: SinkCache) -> SinkCache:
         """Load the recorded forward into ``cache`` (fresh, built for the same model); returns it.

@@ -39,6 +39,8 @@ def attention_received(
     b, hq, w, d = q.shape
     hk, t = keys.shape[1], keys.shape[2]
     kf = keys.float()
+    if w == 1:
+        return _one_query(q.view(b, hk, hq // hk, d), kf, key_pos, q_cols, pad, scaling)
     kp = key_pos.long()
     pad_l = pad.long().view(b, 1, 1)
     key_ok = kp >= pad_l  # [B, Hk, T]
@@ -54,6 +56,21 @@ def attention_received(
         qw = q_ok[:, lo:hi].to(p.dtype).view(b, 1, 1, hi - lo, 1)
         attn += (p * qw).sum(3).mean(2)
     return attn, q_ok.sum(-1)
+
+
+def _one_query(
+    qg: torch.Tensor, kf: torch.Tensor, key_pos: torch.Tensor, q_col: torch.Tensor, pad: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_received` for one query (every decode step, TOVA at prefill): the same masks
+    in 3-d, without the query-chunk loop. ``qg`` ``[B, Hk, r, D]`` (query heads grouped per kv head)."""
+    b = qg.shape[0]
+    pad_c = pad.view(b, 1, 1)
+    hidden = (key_pos < pad_c) | (key_pos > q_col.view(1, 1, 1))  # [B, Hk, T]: pad, or after the query
+    s = torch.matmul(qg, kf.transpose(-1, -2)).mul_(scaling)  # [B, Hk, r, T]
+    s.masked_fill_(hidden.unsqueeze(2), float("-inf"))
+    attn = s.softmax(-1).mean(2)
+    q_ok = q_col.view(1) >= pad  # [B]: a pad query (an all-pad row) gives no weight
+    return attn.mul_(q_ok.view(b, 1, 1)).nan_to_num_(0.0), q_ok.long()
 
 
 class AttentionObserver(CacheHooks):

@@ -27,6 +27,23 @@ def test_attention_received_masks_pads_future_keys_and_pad_queries():
     torch.testing.assert_close(attn[:1], ref)
 
 
+@pytest.mark.parametrize("q_col", [4, 2, 1])
+def test_one_query_path_equals_the_chunked_one(q_col):
+    """Decode steps take a 3-d path for their single query: it must give what the general path
+    gives for that query (read off as the last of two queries), pads and future keys included."""
+    torch.manual_seed(1)
+    q = torch.randn(3, 4, 2, 8)
+    keys = torch.randn(3, 2, 5, 8)
+    pos = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32).view(1, 1, 5).expand(3, 2, 5)
+    pad = torch.tensor([0, 2, 5])  # row 2: all pad, so its query is a pad query
+    one, n1 = attention_received(q[:, :, 1:], keys, pos, torch.tensor([q_col]), pad, 0.3)
+    both, n2 = attention_received(q, keys, pos, torch.tensor([q_col - 1, q_col]), pad, 0.3)
+    first, n0 = attention_received(q[:, :, :1], keys, pos, torch.tensor([q_col - 1]), pad, 0.3)
+    torch.testing.assert_close(one, both - first)
+    assert torch.equal(n1, n2 - n0) and n1.tolist() == [1, int(q_col >= 2), 0]
+    assert torch.all(one[:, :, q_col + 1 :] == 0) and torch.all(one[2] == 0)
+
+
 def test_observer_hooks_follow_the_cache(tiny):
     """Hooks act only for their own cache, and go away with it (one model serves many caches)."""
     m = tiny("llama", "sdpa")
