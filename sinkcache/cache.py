@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .context import TokenContext
-from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
+from .layers import CompressingLayer, EvictingLayer, QuantizedLayer, check_head_dim
 from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
 from .rope import Rotary
 from .scores import Scorer
@@ -110,6 +110,8 @@ class SinkCache(Cache):
         if model is not None and config is not None:
             raise ValueError("pass model= or config=, not both")
         self.config = getattr(model, "config", None) if model is not None else config
+        if self.config is not None:
+            _check_against_model(self.policy, self.config)
         self._hook = None
         self._model_ref = weakref.ref(model) if model is not None else None
         self._rotary = None
@@ -161,17 +163,22 @@ class SinkCache(Cache):
             if kwargs.get("past_key_values") is not cache:
                 return None
             ids = kwargs.get("input_ids", args[0] if args else None)
-            cache.ctx.observe(ids, kwargs.get("attention_mask"), cache.get_seq_length())
+            seen = cache.get_seq_length()
+            if ids is not None and ids.dim() == 2 and ids.shape[1] == 0 and seen == 0:
+                raise ValueError("the model was given no tokens (input_ids of shape [B, 0]): the prompt is empty")
+            cache.ctx.observe(ids, kwargs.get("attention_mask"), seen)
             return None
 
         handle = model.register_forward_pre_hook(hook, with_kwargs=True)
         self._hook = handle
+        self.ctx.sees_inputs = True
 
     def detach(self) -> None:
         """Remove the model hook (done automatically when the cache is garbage-collected)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            self.ctx.sees_inputs = False
         if hasattr(self.sink_selector, "detach"):
             self.sink_selector.detach()
         if self._observer is not None:
@@ -208,6 +215,16 @@ class SinkCache(Cache):
                 f"layer_idx={layer_idx} but this cache was built for {len(self.layers)} layers: "
                 "it belongs to a different model"
             )
+        if key_states.shape[0] > 1 and not self.ctx.sees_inputs and not isinstance(self.policy, FullPolicy):
+            layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+            if layer is None or (isinstance(layer, CompressingLayer) and not layer.is_initialized):
+                # Without the attention mask a left-padded row's pads would count as its first tokens
+                # (its sinks, its positions): a silently different answer from running the row alone.
+                raise ValueError(
+                    f"a batch of {key_states.shape[0]} rows needs SinkCache(model=model): without it the cache cannot "
+                    "see the padding mask, and left-padded rows would be compressed as if their pads were tokens "
+                    "(or run one row at a time)"
+                )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def reset(self) -> None:
@@ -332,6 +349,24 @@ def _layer_bytes(layer) -> int:
         if isinstance(t, torch.Tensor):
             total += t.numel() * t.element_size()
     return total
+
+
+def _check_against_model(policy: Policy, config: Any) -> None:
+    """What the model's config already decides about the options: raise now, not at the first forward."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(policy, "window", None)
+    ctx_len = getattr(cfg, "max_position_embeddings", None)
+    if window is not None and isinstance(ctx_len, int) and window > ctx_len:
+        # A window the model can never fill: the cache would hold everything exactly and compress nothing.
+        raise ValueError(
+            f"window={window} exceeds the model's context (max_position_embeddings={ctx_len}): nothing would ever "
+            f"be compressed; allowed: window <= {ctx_len} (policy='full' keeps everything)"
+        )
+    if isinstance(policy, QuantizePolicy):
+        heads = getattr(cfg, "num_attention_heads", None)
+        d = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+        if isinstance(d, int):
+            check_head_dim(policy, d)
 
 
 def _layer_types(config) -> list[tuple[str, dict]]:

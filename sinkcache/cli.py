@@ -38,6 +38,13 @@ def _wrap(text: str, width: int = 78) -> str:
     return "\n\n".join(textwrap.fill(" ".join(par.split()), width) for par in text.split("\n\n"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage block is what ``--help`` is for)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show ``(default: X)`` for every option, except where ``None`` means "the policy decides"
     (those options spell their effective default out in the help text)."""
@@ -77,6 +84,33 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def _numbers(conv: Callable[[str], Any], what: str) -> Callable[[str], list]:
+    """A comma-separated list of numbers (``50,25,12.5``; a trailing ``%`` is allowed)."""
+
+    def parse(text: str) -> list:
+        out = []
+        for part in (t.strip().rstrip("%") for t in text.split(",")):
+            if not part:
+                continue
+            try:
+                out.append(conv(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{part!r} is not {'an' if what[0] in 'aeiou' else 'a'} {what}; give comma-separated {what}s, e.g. {_EXAMPLES[conv]}"
+                ) from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"no {what}s in {text!r}")
+        return out
+
+    parse.__name__ = f"list of {what}s"
+    return parse
+
+
+_EXAMPLES: dict[Any, str] = {float: "50,25,12.5", int: "1024,2048"}
+_int_list = _numbers(int, "integer")
+_float_list = _numbers(float, "number")
 
 
 def _probability(text: str) -> float:
@@ -257,6 +291,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise ValueError("--temperature and --top-p need --sample")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise ValueError("PROMPT is empty: give the text to continue (or '-' to read it from stdin)")
     kw = _cache_kwargs(args)
     _check_cache_options(kw)
 
@@ -559,7 +595,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="built-in alias, .gguf file, local dir or hub id")
     p.add_argument("--tasks", default="sinkcache_suite", help="comma-separated lm-eval task or group names; ruler_offline = lm-eval's RULER variants that run offline")
-    p.add_argument("--ruler-lengths", default="1024,2048", help="document lengths (tokens) for RULER tasks")
+    p.add_argument("--ruler-lengths", type=_int_list, default="1024,2048", help="document lengths (tokens) for RULER tasks")
     p.add_argument("--policy", default="full", choices=["full", "evict", "quantize", "hybrid"], help="cache policy")
     p.add_argument("--policies", default=None, help="several policies (e.g. full,quantize,evict) scored from one prefill per request; each takes the knobs it uses")
     p.add_argument("--bits", type=int, default=None, help="quantization width (quantize/hybrid; policy default 4)")
@@ -575,13 +611,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     _add_model_options(p)
     p.set_defaults(func=_cmd_eval)
-
-
-def _int_list(option: str, text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"sinkcache: error: {option} {text!r}: give comma-separated integers, e.g. 1024,2048") from None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -604,7 +633,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         apply_chat_template=args.chat,
-        ruler_lengths=_int_list("--ruler-lengths", args.ruler_lengths),
+        ruler_lengths=args.ruler_lengths,
         policies=None if args.policies is None else [t.strip() for t in args.policies.split(",") if t.strip()],
     )
     if "policies" in result:
@@ -683,16 +712,16 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
     p.add_argument("model", help="built-in alias (smollm2-135m, gemma3-270m), local dir or .gguf")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), help="percent of each request's KV (eviction-type policies)")
-    p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)), help="bit widths for quantizers")
-    p.add_argument("--hybrid-bits", default=",".join(map(str, DEFAULT_HYBRID_BITS)), help="bit widths for the hybrids")
-    p.add_argument("--hybrid-budgets", default=None, help="percent budgets for the hybrids (default: --budgets)")
+    p.add_argument("--budgets", type=_float_list, default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), help="percent of each request's KV (eviction-type policies)")
+    p.add_argument("--bits", type=_int_list, default=",".join(map(str, DEFAULT_BITS)), help="bit widths for quantizers")
+    p.add_argument("--hybrid-bits", type=_int_list, default=",".join(map(str, DEFAULT_HYBRID_BITS)), help="bit widths for the hybrids")
+    p.add_argument("--hybrid-budgets", type=_float_list, default=None, help="percent budgets for the hybrids (default: --budgets)")
     p.add_argument(
         "--tasks", default="suite",
         help=f"suite (the offline suite), ruler (lm-eval's offline RULER variants: {', '.join(RULER_TASKS)}), or a comma-separated "
         "list of suite tasks, RULER variants and TASK@LENGTH; RULER cells are separate cells (id suffix _ruler)",
     )
-    p.add_argument("--ruler-lengths", default=",".join(map(str, DEFAULT_RULER_LENGTHS)), help="RULER document lengths in tokens")
+    p.add_argument("--ruler-lengths", type=_int_list, default=",".join(map(str, DEFAULT_RULER_LENGTHS)), help="RULER document lengths in tokens")
     p.add_argument("--limit", type=_positive_int, default=5, help="documents per task")
     p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
     p.add_argument("--jobs", type=_positive_int, default=1, help="processes at once (1 thread each); the forked in-package cells deal their documents over them")
@@ -713,11 +742,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     kw: dict[str, Any] = {
         "policies": parse_list(args.policies),
-        "budgets": parse_list(args.budgets, float),
-        "bits": parse_list(args.bits, int),
-        "hybrid_bits": parse_list(args.hybrid_bits, int),
-        "tasks": expand_tasks(parse_list(args.tasks), parse_list(args.ruler_lengths, int)),
-        "hybrid_budgets": None if args.hybrid_budgets is None else parse_list(args.hybrid_budgets, float),
+        "budgets": args.budgets,
+        "bits": args.bits,
+        "hybrid_bits": args.hybrid_bits,
+        "tasks": expand_tasks(parse_list(args.tasks), args.ruler_lengths),
+        "hybrid_budgets": args.hybrid_budgets,
     }
     cells = plan(**kw)
     if args.dry_run:
@@ -800,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sinkcache`` argument parser with all subcommands."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Sink-aware KV-cache compression for Hugging Face transformers.",
         epilog=f"Run '{PROG} COMMAND --help' for a command's options. Set {DEBUG_ENV}=1 for tracebacks.",

@@ -21,6 +21,9 @@ class TokenContext:
         self.pad: torch.Tensor | None = None  # [B] long: leading pad columns per row
         self.ids: torch.Tensor | None = None  # [B, seen] long: token id of every column seen
         self.keep_ids = False
+        # True once the cache watches the model's inputs (SinkCache(model=...)): only then is
+        # ``pad`` the truth about padding rather than "never seen".
+        self.sees_inputs = False
 
     def reset(self) -> None:
         self.pad = None

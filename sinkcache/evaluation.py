@@ -853,6 +853,25 @@ def _all_local(tasks: Iterable[str]) -> bool:
     return all(str(t).startswith("sinkcache") or str(t) in OFFLINE_TASKS for t in tasks)
 
 
+def check_task_names(tasks: Sequence[str], tm: Any) -> None:
+    """Raise ``ValueError`` naming every task ``tm`` does not know (with close matches), so a typo
+    fails in seconds instead of after the model has loaded. YAML paths pass through."""
+    import difflib
+
+    known = set(tm.all_tasks)
+    bad = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if not bad:
+        return
+    parts = []
+    for t in bad:
+        close = difflib.get_close_matches(t, known, n=3, cutoff=0.6)
+        parts.append(f"{t!r}" + (f" (close: {', '.join(close)})" if close else ""))
+    raise ValueError(
+        f"unknown task{'s' if len(bad) > 1 else ''} {'; '.join(parts)}; allowed: sinkcache_suite or one of its "
+        "sinkcache_* tasks (offline), ruler_offline, or any lm-eval task or group name"
+    )
+
+
 def _only_suite(tasks: Iterable[str]) -> bool:
     """Only the offline suite's tasks: lm-eval's ~14,700 built-in ones need not be indexed."""
     return all(str(t).startswith("sinkcache") for t in tasks)
@@ -988,6 +1007,10 @@ def run_eval(
         # Everything is local: never let datasets/hub try the network.
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Indexing lm-eval's ~14,700 built-in tasks takes seconds (tens on a busy CPU): skip it when
+    # only the offline suite is asked for. Names are checked here, before the model loads.
+    tm = task_manager(include_path, include_defaults=not _only_suite(task_list))
+    check_task_names(task_list, tm)
 
     def say(msg: str) -> None:
         if progress:
@@ -1043,9 +1066,8 @@ def run_eval(
     if any(ruler.is_ruler(t) for t in task_list):
         tok_dir = ruler.tokenizer_path(lm.tokenizer, model_name if model is None else getattr(lm.tokenizer, "name_or_path", model_name))
         tm_kwargs["metadata"] = ruler.metadata(tok_dir, list(ruler_lengths))
-    # Indexing lm-eval's ~14,700 built-in tasks takes seconds (tens on a busy CPU): skip it when
-    # only the offline suite is asked for.
-    tm = task_manager(include_path, include_defaults=not _only_suite(task_list), **tm_kwargs)
+        # RULER sizes its documents with the model's tokenizer: a task manager that carries it.
+        tm = task_manager(include_path, include_defaults=not _only_suite(task_list), **tm_kwargs)
     say(f"model ready in {t_load:.1f} s; running {', '.join(task_list)}" + (f" (limit {limit})" if limit is not None else ""))
     t1 = time.perf_counter()
     with ruler.quiet_punkt():

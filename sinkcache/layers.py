@@ -356,6 +356,20 @@ class EvictingLayer(CompressingLayer):
         self.marked = min(self.marked, self.seen)
 
 
+def check_head_dim(policy: QuantizePolicy, d: int) -> None:
+    """Raise unless ``policy`` can quantize heads of size ``d``: value groups split the head, and
+    codes pack ``8 // bits`` to a byte. (SinkCache calls this at construction when it knows the
+    model; a layer calls it when it first sees keys.)"""
+    vgroup = min(policy.group_size, d)
+    if d % vgroup:
+        raise ValueError(
+            f"group_size={policy.group_size} does not divide head_dim={d} (value groups split the head); "
+            f"allowed: a divisor of {d} or a value >= {d}"
+        )
+    if d % (8 // policy.bits):
+        raise ValueError(f"head_dim={d} cannot be packed at {policy.bits} bits (needs a multiple of {8 // policy.bits})")
+
+
 class QuantizedLayer(CompressingLayer):
     """Bit-packed body + full-precision sinks + full-precision recent window.
 
@@ -404,14 +418,8 @@ class QuantizedLayer(CompressingLayer):
             setattr(self, name, _EMPTY)
 
     def _init_storage(self, b: int, h: int, d: int) -> None:
+        check_head_dim(self.policy, d)
         self.vgroup = min(self.group, d)
-        if d % self.vgroup:
-            raise ValueError(
-                f"group_size={self.group} does not divide head_dim={d} (value groups split the head); "
-                f"allowed: a divisor of {d} or a value >= {d}"
-            )
-        if d % (8 // self.bits):
-            raise ValueError(f"head_dim={d} cannot be packed at {self.bits} bits (needs a multiple of {8 // self.bits})")
         dev, dt = self.device, self.dtype
         nb = d * self.bits // 8
         self.k_codes = torch.empty(b, h, 0, nb, dtype=torch.uint8, device=dev)

@@ -142,3 +142,44 @@ def test_deepcopy_continues_identically(tiny):
         a = m(nxt, past_key_values=c).logits
         b = m(nxt, past_key_values=d).logits
     assert torch.equal(a, b)
+
+
+# ---- what the model already rules out is an error at construction, not a silent no-op ----
+
+
+def test_window_beyond_the_models_context_is_an_error(tiny):
+    model = tiny("llama")  # max_position_embeddings=4096
+    with pytest.raises(ValueError, match=r"window=1000000000 exceeds the model's context \(max_position_embeddings=4096\)"):
+        SinkCache("quantize", window=10**9, model=model)
+    with pytest.raises(ValueError, match="window=5000 exceeds"):
+        SinkCache("quantize", window=5000, config=model.config)
+    SinkCache("quantize", window=4096, model=model)  # a window the model can fill is fine
+
+
+def test_group_size_is_checked_against_the_heads_at_construction(tiny):
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="group_size=7 does not divide head_dim"):
+        SinkCache("quantize", group_size=7, model=model)
+    with pytest.raises(ValueError, match="group_size=7 does not divide head_dim"):
+        SinkCache("hybrid", budget=512, group_size=7, config=model.config)
+
+
+def test_an_empty_prompt_is_named(tiny):
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="the prompt is empty"), torch.no_grad():
+        model(input_ids=torch.zeros(1, 0, dtype=torch.long), past_key_values=SinkCache(model=model), use_cache=True)
+
+
+@pytest.mark.parametrize("kw", [dict(policy="quantize", bits=2, window=4, group_size=4), dict(policy="evict", budget=16, window=4)])
+def test_a_batch_without_model_is_refused_not_silently_wrong(tiny, kw):
+    """Without model= the cache cannot see left padding; a batch must fail loudly, and work with model=."""
+    model = tiny("llama")
+    ids = prompt(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with pytest.raises(ValueError, match=r"a batch of 2 rows needs SinkCache\(model=model\)"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=SinkCache(**kw), use_cache=True)
+    with torch.no_grad():  # one row without model=, and the batch with it, both run
+        model(input_ids=ids[:1], past_key_values=SinkCache(**kw), use_cache=True)
+        model(input_ids=ids, attention_mask=mask, past_key_values=SinkCache(**kw, model=model), use_cache=True)
+        model(input_ids=ids, attention_mask=mask, past_key_values=SinkCache("full"), use_cache=True)  # nothing compressed

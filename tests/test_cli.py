@@ -84,14 +84,18 @@ def test_subcommand_is_required(capsys):
         (["demo", "--bits", "1"], "--bits"),
         (["demo", "--group-size", "0"], "--group-size"),
         (["nosuchcommand"], "invalid choice"),
+        (["compare", "m", "--budgets", "abc"], "argument --budgets: 'abc' is not a number"),
+        (["compare", "m", "--bits", "4,x"], "argument --bits: 'x' is not an integer"),
+        (["compare", "m", "--ruler-lengths", ","], "argument --ruler-lengths: no integers"),
+        (["eval", "m", "--ruler-lengths", "1k"], "argument --ruler-lengths: '1k' is not an integer"),
     ],
 )
 def test_usage_errors_are_one_line(argv, needle, capsys, no_model_load):
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    error_lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and needle in error_lines[0]
-    assert "Traceback" not in err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # no usage block: --help is for that
+    assert err.split(": error: ")[0] in ("sinkcache", f"sinkcache {argv[0]}") and needle in err
+    assert "--help" in err
 
 
 @pytest.mark.parametrize(
@@ -107,6 +111,8 @@ def test_usage_errors_are_one_line(argv, needle, capsys, no_model_load):
         (["generate", "m", "p", "--temperature", "0.5"], "need --sample"),
         (["demo", "--budget", "8", "--window", "16"], "window=16 exceeds budget=8"),
         (["demo", "--budget", "18", "--window", "16"], "budget=18 is smaller than window=16 + sinks=4"),
+        (["generate", "m", ""], "PROMPT is empty"),
+        (["generate", "m", " \n "], "PROMPT is empty"),
     ],
 )
 def test_bad_combinations_fail_before_loading_a_model(argv, needle, capsys, no_model_load):
@@ -114,6 +120,25 @@ def test_bad_combinations_fail_before_loading_a_model(argv, needle, capsys, no_m
     err = capsys.readouterr().err.strip()
     assert err.startswith("sinkcache: error: ") and needle in err
     assert len(err.splitlines()) == 1
+
+
+def test_unknown_task_fails_before_loading_a_model_and_names_close_matches(capsys, no_model_load):
+    assert cli.main(["eval", "m", "--tasks", "no_such_task,sinkcache_pasky"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "unknown tasks 'no_such_task'" in err and "'sinkcache_pasky' (close: sinkcache_passkey" in err
+
+
+def test_options_the_model_rules_out_are_one_line_errors(monkeypatch, capsys, tiny):
+    """--window beyond the model's context, a group size that does not divide its heads."""
+    model = tiny("llama")
+    tok = lambda text, return_tensors=None: {"input_ids": torch.tensor([[5, 6, 7]])}  # noqa: E731
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: (model, tok))
+    assert cli.main(["generate", "m", "hi", "--policy", "quantize", "--window", "1000000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "window=1000000000 exceeds the model's context (max_position_embeddings=4096)" in err
+    assert cli.main(["generate", "m", "hi", "--policy", "quantize", "--group-size", "7"]) == 2
+    assert "group_size=7 does not divide head_dim" in capsys.readouterr().err
 
 
 def test_runtime_errors_are_one_line(monkeypatch, capsys):

@@ -2,7 +2,7 @@
 
 Uses the tiny random Llama and byte tokenizer of ``test_evals`` (no download). The kvpress protocol
 is tested with a fake worker; the real worker (kvpress virtualenv: ``$SINKCACHE_KVPRESS_PYTHON``,
-default ``/work/venvs/kvpress/bin/python``) runs with ``SINKCACHE_TEST_KVPRESS=1``.
+default: the venv ``make peers`` creates, ``~/.cache/sinkcache/venvs/kvpress``) runs with ``SINKCACHE_TEST_KVPRESS=1``.
 """
 
 from __future__ import annotations
@@ -258,6 +258,14 @@ def test_kvpress_lm_protocol_with_a_fake_worker(model, tok, tmp_path, monkeypatc
     finally:
         assert lm.close() == 123
     assert lm.peer == {"package": "kvpress", "press": "knorm", "compression_ratio": 0.5}
+
+
+def test_missing_kvpress_venv_says_how_to_make_it(model, tok, monkeypatch, tmp_path):
+    monkeypatch.delenv("SINKCACHE_KVPRESS_PYTHON", raising=False)
+    assert lms_mod.kvpress_python() == lms_mod.KVPRESS_VENV / "bin" / "python"
+    monkeypatch.setenv("SINKCACHE_KVPRESS_PYTHON", str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(FileNotFoundError, match="run `make peers`"):
+        KVPressLM(pretrained=model, tokenizer=tok, device="cpu", press="knorm", ratio=0.5, checkpoint=str(tmp_path))
 
 
 def _kvpress_python() -> Path:

@@ -249,9 +249,14 @@ class QuantizedPeerLM(SinkCacheLM):
 # --------------------------------------------------------------------------------------- kvpress peer
 
 
+#: Where ``make peers`` creates the kvpress virtualenv (kvpress pins transformers<5.3).
+KVPRESS_VENV = Path.home() / ".cache" / "sinkcache" / "venvs" / "kvpress"
+
+
 def kvpress_python() -> Path:
-    """The kvpress virtualenv's Python: ``$SINKCACHE_KVPRESS_PYTHON`` or /work/venvs/kvpress."""
-    return Path(os.environ.get("SINKCACHE_KVPRESS_PYTHON", "/work/venvs/kvpress/bin/python"))
+    """The kvpress virtualenv's Python: ``$SINKCACHE_KVPRESS_PYTHON``, else ``make peers``'s venv."""
+    env = os.environ.get("SINKCACHE_KVPRESS_PYTHON")
+    return Path(env) if env else KVPRESS_VENV / "bin" / "python"
 
 
 def worker_script() -> Path:
@@ -274,7 +279,10 @@ class KVPressLM(SinkCacheLM):
         self._validated = dict(self.peer)
         py = kvpress_python()
         if not py.exists():
-            raise FileNotFoundError(f"kvpress virtualenv python {py} not found (set $SINKCACHE_KVPRESS_PYTHON)")
+            raise FileNotFoundError(
+                f"kvpress virtualenv python {py} not found: run `make peers` in a sinkcache checkout to create it "
+                "(evals/peers/README.md), or point $SINKCACHE_KVPRESS_PYTHON at a Python that has kvpress"
+            )
         env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
         env.pop("PYTHONPATH", None)
         self._log = open(log or os.devnull, "a")  # noqa: SIM115  (lives as long as the worker)
