@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._console import format_bytes, format_stats, format_table, shorten
+from ._console import format_stats
 
 PROG = "sinkcache"
 DEBUG_ENV = "SINKCACHE_DEBUG"
@@ -126,6 +124,21 @@ def _dtype(text: str) -> str:
     return text.strip().lower()
 
 
+def default_threads() -> int:
+    """Torch threads a command uses unless told: half the cores, at most 4 (1 on a 2-core machine).
+
+    The models sinkcache is tried on are small: their matrix products gain little from more
+    threads, while threads that fight other work for the cores (OpenMP spin-waits) make every step
+    several times slower (the demo ran 2.6x slower with torch's default of one per core)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def _threads_in_use() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", type=_dtype, default="float32", metavar="DTYPE", help=f"model dtype: {', '.join(DTYPES)}"
@@ -135,24 +148,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help=(
-            "CPU threads for torch (default: torch's choice, one per core); on a busy machine "
-            "--threads 1 can be several times faster than threads fighting for cores"
-        ),
+        help=f"CPU threads for torch (default: half the cores, at most 4; here {default_threads()})",
     )
 
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
-    """Use ``n`` intra-op threads for the duration of a command, then restore the old count
-    (main() may run inside a longer-lived process, such as a test session)."""
-    if n is None:
-        yield
-        return
+    """Use ``n`` intra-op threads (default :func:`default_threads`) for the duration of a command,
+    then restore the old count (main() may run inside a longer-lived process, such as a test session)."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(default_threads() if n is None else n)
     try:
         yield
     finally:
@@ -355,230 +362,57 @@ def _generate(model: Any, inputs: Any, cache: Any, gen: dict[str, Any]) -> tuple
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import DEFAULT_BUDGET_PERCENT, DEFAULT_CONTEXT, DEFAULT_QUESTIONS, DEFAULT_SEED
+
     p = sub.add_parser(
         "demo",
-        help="compare cache policies on one long prompt (full, StreamingLLM, 2-bit, sink-aware)",
+        help="what sink-aware compression buys: accuracy vs KV bytes on seeded retrieval questions",
         description=_wrap(
-            "Build a long made-up report with one question about a fact buried in it, answer it "
-            "greedily with five KV caches, and print memory, compression ratio, agreement with the "
-            "full cache, speed and the start of each answer.\n\n"
-            "rows: full cache; StreamingLLM-style eviction (first 4 tokens as sinks); plain 2-bit "
-            "quantization (no sinks); sink-aware eviction (measured sinks); sink-aware 2-bit quantization."
+            "Hide a 5-digit pass key in each of several long made-up reports (seeded), ask for it, and answer "
+            "greedily with: the full cache, SinkCache() as shipped (int4), int2 with and without the first-token "
+            "sink, sink-aware eviction vs StreamingLLM at the same budget, and transformers' QuantizedCache "
+            "(quanto int4/int2). Questions the full cache gets wrong are dropped before the others run. "
+            "Prints accuracy, KV bytes, compression ratio and tokens/s per cache, and saves a PNG of "
+            "accuracy vs KV bytes."
         ),
         formatter_class=_HelpFormatter,
     )
-    p.add_argument(
-        "--model", default="smollm2-135m", help="model alias, .gguf path, checkpoint dir or hub id"
-    )
-    p.add_argument(
-        "--max-new-tokens", type=_positive_int, default=48, metavar="N", help="tokens generated per policy"
-    )
-    p.add_argument(
-        "--prompt-tokens",
-        type=_int_at_least(32),
-        default=1200,
-        metavar="N",
-        help="approximate prompt length in tokens",
-    )
-    p.add_argument(
-        "--budget",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="tokens kept per layer by the eviction rows",
-    )
-    p.add_argument(
-        "--window",
-        type=_non_negative_int,
-        default=192,
-        metavar="N",
-        help="recent tokens always kept by the eviction rows",
-    )
-    p.add_argument("--bits", type=int, choices=BITS, default=2, help="width of the quantization rows")
-    p.add_argument(
-        "--quant-window",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help="recent tokens kept exact by the quantization rows (default: 128)",
-    )
-    p.add_argument(
-        "--group-size",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="tokens per quantization group in the quantization rows (default: 64)",
-    )
+    p.add_argument("--model", default="smollm2-135m", help="model alias, .gguf path, checkpoint dir or hub id")
+    p.add_argument("--questions", type=_positive_int, default=DEFAULT_QUESTIONS, metavar="N", help="retrieval questions asked")
+    p.add_argument("--context", type=_int_at_least(64), default=DEFAULT_CONTEXT, metavar="N", help="tokens per question's report")
+    p.add_argument("--budget-percent", type=_positive_float, default=DEFAULT_BUDGET_PERCENT, metavar="P", help="eviction rows keep P%% of each prompt")
+    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="scorer of the sink-aware eviction row (default: the library's default)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the reports, keys and depths")
+    p.add_argument("--plot", default="sinkcache_demo.png", metavar="PNG", help="where to save the accuracy vs KV bytes chart ('' for none)")
     _add_model_options(p)
     p.set_defaults(func=_cmd_demo)
 
 
-@dataclass(frozen=True)
-class DemoPrompt:
-    """The demo's long prompt: report text, the question, and the fact that answers it."""
-
-    report: str
-    question: str
-    answer: str
-
-
-_TOWNS = ("Ashford", "Belden", "Corvin", "Dunmore", "Elston", "Farrow", "Glenhaven", "Harlow", "Istvan Bay")
-_PEOPLE = ("Ada Kessler", "Bruno Maalouf", "Chiara Lind", "Dmitri Ostrov", "Elena Voss", "Farid Nasser")
-_PRODUCTS = (
-    "tableware",
-    "lamp shades",
-    "window panes",
-    "laboratory flasks",
-    "mosaic tiles",
-    "perfume bottles",
-)
-
-
-def build_demo_prompt(tok: Any, target_tokens: int, chat: bool = True) -> tuple[DemoPrompt, Any]:
-    """A deterministic made-up annual report of roughly ``target_tokens`` tokens, plus a question.
-
-    The fact the question asks about sits about a third of the way in, so eviction
-    policies have to keep (or lose) it while the rest of the report streams past.
-    Returns the prompt parts and the tokenized model inputs.
-    """
-    rng = random.Random(1234)  # same report on every run and machine
-    # A fact unlike the yearly figures around it, so that a 135M model can retrieve it with a full
-    # cache (a town name, like the warehouses', gets confused with them).
-    fact = "The cooperative's mascot is a green parrot called Captain Pickles."
-    question = "What is the name of the cooperative's mascot? Reply with the name only."
-    paragraphs: list[str] = []
-    year = 2003
-    while True:
-        paragraphs.append(
-            f"In {year}, the Veltrana Glassworks Cooperative sold {rng.randint(1200, 9800):,} crates of "
-            f"{rng.choice(_PRODUCTS)} through its warehouse in {rng.choice(_TOWNS)}. The workshop was led by "
-            f"{rng.choice(_PEOPLE)}, who introduced {rng.randint(2, 9)} new colours and trained "
-            f"{rng.randint(10, 60)} apprentices. Energy costs rose by {rng.randint(2, 19)} percent, and the "
-            f"board approved {rng.randint(100, 900)} thousand euros for repairs."
-        )
-        year += 1
-        parts = paragraphs[:]
-        parts.insert(len(parts) // 3, fact)
-        report = "Annual reports of the Veltrana Glassworks Cooperative\n\n" + "\n\n".join(parts)
-        prompt = DemoPrompt(report=report, question=question, answer="Captain Pickles")
-        inputs = _demo_inputs(tok, prompt, chat)
-        if inputs["input_ids"].shape[1] >= target_tokens:
-            return prompt, inputs
-
-
-def _demo_inputs(tok: Any, prompt: DemoPrompt, chat: bool) -> Any:
-    text = (
-        f"Read the report below, then answer the question.\n\n{prompt.report}\n\nQuestion: {prompt.question}"
-    )
-    if chat and getattr(tok, "chat_template", None):
-        return _encode(tok, text, chat=True, model_name="")
-    return tok(text + "\nAnswer:", return_tensors="pt")
-
-
-def demo_configs(
-    budget: int, window: int, bits: int, quant_window: int | None = None, group_size: int | None = None
-) -> list[tuple[str, dict[str, Any]]]:
-    """The five ``(row label, SinkCache kwargs)`` the demo compares, full cache first.
-
-    ``quant_window``/``group_size`` default to SinkCache's own defaults (128/64) when ``None``.
-    """
-    quant = {"policy": "quantize", "bits": bits}
-    if quant_window is not None:
-        quant["window"] = quant_window
-    if group_size is not None:
-        quant["group_size"] = group_size
-    return [
-        ("full cache", {"policy": "full"}),
-        (
-            "evict, first 4 sinks (StreamingLLM)",
-            {"policy": "evict", "sinks": "first", "n_first": 4, "budget": budget, "window": window},
-        ),
-        (f"{bits}-bit, no sinks", {**quant, "sinks": "none"}),
-        ("evict, auto sinks", {"policy": "evict", "sinks": "auto", "budget": budget, "window": window}),
-        (f"{bits}-bit, auto sinks", {**quant, "sinks": "auto"}),
-    ]
-
-
-def agreement(tokens: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
-    """``(prefix, overall)`` agreement of ``tokens`` with ``reference``.
-
-    prefix: positions equal before the first divergence, over the longer length;
-    overall: positions equal anywhere, over the longer length (a shorter answer counts
-    its missing positions as disagreements).
-    """
-    n = max(len(tokens), len(reference))
-    if n == 0:
-        return 1.0, 1.0
-    prefix = 0
-    for a, b in zip(tokens, reference, strict=False):
-        if a != b:
-            break
-        prefix += 1
-    same = sum(a == b for a, b in zip(tokens, reference, strict=False))
-    return prefix / n, same / n
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    configs = demo_configs(args.budget, args.window, args.bits, args.quant_window, args.group_size)
-    for _, kw in configs:  # fail on bad sizes before loading anything
-        _check_cache_options(kw)
-
-    from tqdm.auto import tqdm
-
-    from . import SinkCache
+    if args.budget_percent > 100:
+        raise ValueError(f"--budget-percent {args.budget_percent:g} must be in (0, 100]")
+    from . import demo
     from .models import load_model
 
+    t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype)
-    prompt, inputs = build_demo_prompt(tok, args.prompt_tokens)
-    n_prompt = int(inputs["input_ids"].shape[1])
-    print(f"model: {args.model} ({args.dtype}); prompt: {n_prompt} tokens; question: {prompt.question}")
+    qs = demo.questions(tok, args.questions, args.context, args.seed)
+    rows, notes = demo.demo_rows(model, tok, args.budget_percent, args.score)
+    n_tok = [int(enc["input_ids"].shape[1]) for _, enc in qs]
     print(
-        f"the report says: {prompt.answer!r}; generating up to {args.max_new_tokens} tokens greedily per policy"
+        f"model: {args.model} ({args.dtype}, {_threads_in_use()} threads); {len(qs)} questions of "
+        f"{min(n_tok)}-{max(n_tok)} tokens (seed {args.seed}); {demo.MAX_NEW_TOKENS} new tokens per answer"
     )
-    if args.budget >= n_prompt:
-        print(
-            f"note: --budget {args.budget} >= prompt length {n_prompt}: the eviction rows evict nothing",
-            file=sys.stderr,
-        )
-
-    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
-    results = []
-    for label, kw in tqdm(configs, desc="policies", unit="policy", file=sys.stderr):
-        cache = SinkCache(**kw, model=model, tokenizer=tok)
-        new_ids, seconds = _generate(model, inputs, cache, gen)
-        results.append((label, cache.memory_bytes(), new_ids, seconds))
-        cache.detach()  # drop the model hooks now rather than at garbage collection
-
-    full_bytes, reference = results[0][1], results[0][2]
-    rows = []
-    for label, mem, new_ids, seconds in results:
-        prefix, overall = agreement(new_ids, reference)
-        text = str(tok.decode(new_ids, skip_special_tokens=True))
-        rows.append(
-            [
-                label,
-                format_bytes(mem),
-                f"{full_bytes / mem:.2f}x" if mem else "-",
-                f"{prefix:.2f}",
-                f"{overall:.2f}",
-                f"{len(new_ids) / seconds:.1f}",
-                "yes" if prompt.answer.lower() in text.lower() else "no",
-                repr(shorten(text, 70)),
-            ]
-        )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    kept, prefill_s = demo.run_demo(model, tok, qs, rows)
     print()
-    print(
-        format_table(
-            ["policy", "KV bytes", "ratio", "prefix", "overall", "tok/s", "right?", "answer"],
-            rows,
-            align="lrrrrrll",
-        )
-    )
-    print(
-        "\nratio: full-cache bytes / bytes; prefix/overall: agreement of the generated tokens with the "
-        "full cache (up to the first divergence / at all positions); tok/s includes the prefill; "
-        f"right?: the answer names {prompt.answer}."
-    )
+    print(demo.report(rows, len(kept), len(qs)))
+    print(f"prompt forwards: {prefill_s:.1f} s in all (one per question for the SinkCache rows, one per quanto row)")
+    if args.plot:
+        path = demo.plot_demo(rows, args.plot, f"sinkcache demo: {args.model}, {len(kept)} of {len(qs)} pass-key questions")
+        print(f"chart: {path}")
+    print(f"[demo wall time {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
     return 0
 
 
