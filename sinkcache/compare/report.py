@@ -399,19 +399,20 @@ def plot(model: str, records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6.5))
     by_policy: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_policy.setdefault(r["cell"]["policy"], []).append(r)
     styles = {"ours": ("-", "o", 2.4), "baseline": ("--", "s", 1.4), "peer": (":", "^", 1.4), "reference": ("", "*", 1)}
     full = by_policy.pop("full", [])
-    for policy, rs in by_policy.items():
+    palette = [plt.get_cmap("tab20")(k) for k in range(20)]  # more policies than tab10's 10 colours
+    for i, (policy, rs) in enumerate(by_policy.items()):
         group = POLICIES[policy][0]
         ls, mk, lw = styles[group]
         pts = sorted((100 * r["summary"]["kv_ratio"], r["summary"].get("suite_score"), r["summary"].get("bits_per_byte")) for r in rs)
         xs = [p[0] for p in pts if p[1] is not None]
         ys = [p[1] for p in pts if p[1] is not None]
-        (line,) = ax1.plot(xs, ys, linestyle=ls, marker=mk, linewidth=lw, label=f"{policy} ({group})")
+        (line,) = ax1.plot(xs, ys, linestyle=ls, marker=mk, linewidth=lw, color=palette[(2 * i) % 20 + (i // 10) % 2], label=f"{policy} ({group})")
         px = [p[0] for p in pts if p[2] is not None]
         py = [p[2] for p in pts if p[2] is not None]
         if px:
@@ -432,9 +433,13 @@ def plot(model: str, records: list[dict[str, Any]], path: Path) -> None:
     ax1.set_title(f"{model}: accuracy vs KV memory")
     ax2.set_ylabel("docstring perplexity, bits/byte (lower is better)")
     ax2.set_title("streaming perplexity vs KV memory")
-    ax1.legend(fontsize=7, loc="best")
-    ax2.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    # One legend for both panels (same colours), below them: inside an axis it hid lines.
+    handles, labels = ax1.get_legend_handles_labels()
+    seen = dict(zip(labels, handles, strict=True))
+    ncol = 5
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    rows = -(-len(seen) // ncol)
+    fig.tight_layout(rect=(0, min(0.4, 0.035 * rows + 0.02), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
