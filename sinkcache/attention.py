@@ -63,11 +63,18 @@ def project_k(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch
     return apply_rope(k, cos, sin).float()
 
 
-def project_q(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int) -> torch.Tensor:
-    """Queries of the last ``w`` positions ``[B, Hq, w, D]``, post-norm and post-RoPE, float32."""
+def project_q(
+    module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: int, projected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Queries of the last ``w`` positions ``[B, Hq, w, D]``, post-norm and post-RoPE, float32.
+
+    ``projected``: ``q_proj``'s own output for those positions ``[B, w, Hq * D]``, when a hook
+    caught it (saves recomputing the projection)."""
     b = hidden_states.shape[0]
     d = module.head_dim
-    q = module.q_proj(hidden_states[:, -w:]).view(b, w, -1, d).transpose(1, 2)
+    if projected is None:
+        projected = module.q_proj(hidden_states[:, -w:])
+    q = projected.view(b, w, -1, d).transpose(1, 2)
     if getattr(module, "q_norm", None) is not None:
         q = module.q_norm(q)
     return apply_rope(q, cos[:, -w:], sin[:, -w:]).float()

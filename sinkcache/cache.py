@@ -12,7 +12,7 @@ from .context import TokenContext
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer, check_head_dim
 from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
 from .rope import Rotary
-from .scores import Scorer
+from .scores import Scorer, default_score
 from .scores.observe import AttentionObserver
 from .sinks import SINK_MODES, FirstSinks, NoSinks, PunctSinks, SinkSelector, punctuation_token_ids
 
@@ -36,9 +36,11 @@ class SinkCache(Cache):
         positions: eviction only: ``"true"`` (default) keeps keys at their real positions;
             ``"shifted"`` re-rotates held keys to contiguous positions (StreamingLLM), for streams
             longer than the model's context. Needs ``model=``.
-        score: eviction only: how held tokens are ranked (:mod:`sinkcache.scores`):
-            ``"keynorm"`` (default, query-free), ``"tova"``, ``"snapkv"``, ``"h2o"`` (attention
-            read by forward hooks; need ``model=``), or a :class:`~sinkcache.scores.Scorer`.
+        score: eviction only: how held tokens are ranked (:mod:`sinkcache.scores`): ``"tova"``,
+            ``"snapkv"``, ``"h2o"`` (attention read by forward hooks; need ``model=``), ``"keynorm"``
+            (query-free), or a :class:`~sinkcache.scores.Scorer`. Default (``None``): ``"tova"``
+            with ``model=`` (measured best, README "Eviction scores"), ``"keynorm"`` without it or
+            with ``positions="shifted"``; ``describe()["score"]`` says which was built.
         group_size: tokens per key scale group and channels per value group (default 64).
         sinks: ``"first"`` (the default), ``"auto"``, ``"punct"``, ``"none"``, or a
             :class:`~sinkcache.sinks.SinkSelector`. ``None`` means ``"first"``, or the profile
@@ -80,6 +82,9 @@ class SinkCache(Cache):
         config: Any = None,
         profile: Any = None,
     ) -> None:
+        if score is None and policy == "evict":
+            # The measured default reads attention, which needs the model's attention modules.
+            score = default_score(model is not None, positions)
         self.policy = make_policy(
             policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score
         )

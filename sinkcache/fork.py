@@ -89,7 +89,7 @@ class SharedPrefill(CacheHooks):
             w = t if nq is None else min(nq, t)
             q = project_q(module, hs, pe[0], pe[1], w)
             cols = torch.arange(t - w, t, device=hs.device)
-            self.attention.setdefault(idx, {})[nq] = attention_received(q, layer.win_k, pos, cols, pad, module.scaling)
+            self.attention.setdefault(idx, {})[nq] = attention_received(q, layer.win_k, pos, cols, pad, module.scaling, newest=True)
 
     def close(self) -> None:
         """Remove the recording cache's hooks from the model."""

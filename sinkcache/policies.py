@@ -57,9 +57,11 @@ class EvictPolicy(Policy):
     (StreamingLLM), so query-key distances never exceed the budget and generation can run far past
     the model's trained context; ``"true"`` (default) keeps each key at its real position.
 
-    ``score`` names the eviction scorer (:mod:`sinkcache.scores`): ``"keynorm"`` (default; the
-    negative L2 norm of the key, query-free, works without ``model=``), ``"tova"``, ``"snapkv"`` or
-    ``"h2o"`` (attention-scored; need ``model=``), or a :class:`~sinkcache.scores.Scorer` object.
+    ``score`` names the eviction scorer (:mod:`sinkcache.scores`): ``"keynorm"`` (the object's
+    default; the negative L2 norm of the key, query-free, works without ``model=``), ``"tova"``,
+    ``"snapkv"`` or ``"h2o"`` (attention-scored; need ``model=``), or a
+    :class:`~sinkcache.scores.Scorer` object. ``SinkCache(policy="evict", model=...)`` without a
+    score picks ``"tova"`` (:func:`sinkcache.scores.default_score`).
     """
 
     budget: int

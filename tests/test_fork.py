@@ -23,7 +23,7 @@ MEMBERS = {
     "kivi2": dict(policy="quantize", bits=2, window=4, group_size=16, sinks="none"),
     "sinkquant2": dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto"),
     "first4": dict(policy="quantize", bits=4, window=4, group_size=16, sinks="first"),
-    "evict_auto": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4),
+    "evict_auto": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4, score="keynorm"),
     "streaming": dict(policy="evict", budget=20, window=16, sinks="first", n_first=4),
     "evict_tova": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4, score="tova"),
     "evict_h2o": dict(policy="evict", budget=24, window=8, sinks="first", score="h2o"),
@@ -128,7 +128,7 @@ def test_members_must_share_model_and_detector(model, tok):
     "options",
     [
         dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto"),
-        dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4),
+        dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4, score="keynorm"),
         dict(policy="evict", budget=20, window=8, sinks="punct", max_sinks=4),
         dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4, score="tova"),
         dict(policy="evict", budget=20, window=8, sinks="first", score="snapkv"),
@@ -205,7 +205,7 @@ def test_fork_carries_the_detectors_measurements(policy):
     ids = torch.full((1, 60), NORMAL)
     ids[0, 20] = SINK
     opts = dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto") if policy == "quantize" else dict(
-        policy="evict", budget=16, window=4, sinks="auto", max_sinks=4
+        policy="evict", budget=16, window=4, sinks="auto", max_sinks=4, score="keynorm"
     )
 
     def prefill(cache):

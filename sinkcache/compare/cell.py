@@ -20,12 +20,13 @@ from .samples import merge_docs, per_doc, ruler_metric, task_scores
 # Cache knobs of the in-package policies (ours and the baselines).
 _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "full": {"policy": "full"},
-    "sink-evict": {"policy": "evict", "sinks": "auto"},
+    # The scorer is pinned: these cells measure key-norm eviction whatever the library default is.
+    "sink-evict": {"policy": "evict", "sinks": "auto", "score": "keynorm"},
     "sink-evict-tova": {"policy": "evict", "sinks": "auto", "score": "tova"},
     "sink-evict-snapkv": {"policy": "evict", "sinks": "auto", "score": "snapkv"},
     "sink-evict-h2o": {"policy": "evict", "sinks": "auto", "score": "h2o"},
-    "recent-evict": {"policy": "evict", "sinks": "none"},
-    "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4},
+    "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
+    "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},
     "kivi": {"policy": "quantize", "sinks": "none"},
     "sink-hybrid": {"policy": "hybrid", "sinks": "auto"},

@@ -28,7 +28,17 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 SCORE_NAMES = tuple(SCORERS)
 #: The scorer ``policy="evict"`` uses when none is given (see README: why).
-DEFAULT_SCORE = "keynorm"
+#: The eviction scorer ``SinkCache(policy="evict", model=...)`` uses unless told: measured best of
+#: the four on the offline suite (smollm2-135m, README "Eviction scores"); it reads attention, so
+#: without ``model=`` the query-free :data:`QUERY_FREE_SCORE` is the default instead.
+DEFAULT_SCORE = "tova"
+#: The default without ``model=`` (and with ``positions="shifted"``): needs no queries.
+QUERY_FREE_SCORE = "keynorm"
+
+
+def default_score(has_model: bool, positions: str | None = None) -> str:
+    """The scorer an evicting cache uses when ``score`` is not given."""
+    return DEFAULT_SCORE if has_model and positions != "shifted" else QUERY_FREE_SCORE
 
 
 def make_scorer(score: str | Scorer) -> Scorer:
@@ -40,4 +50,4 @@ def make_scorer(score: str | Scorer) -> Scorer:
     return SCORERS[score]()
 
 
-__all__ = ["DEFAULT_SCORE", "SCORERS", "SCORE_NAMES", "H2OScorer", "KeyNormScorer", "Scorer", "SnapKVScorer", "TOVAScorer", "make_scorer"]
+__all__ = ["DEFAULT_SCORE", "QUERY_FREE_SCORE", "default_score", "SCORERS", "SCORE_NAMES", "H2OScorer", "KeyNormScorer", "Scorer", "SnapKVScorer", "TOVAScorer", "make_scorer"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..attention import CacheHooks, project_q
+from ..attention import CacheHooks, attention_modules, project_q
 
 #: Queries per chunk when a scorer reads every query of a long forward (bounds the score matrix).
 QUERY_CHUNK = 256
@@ -28,9 +28,13 @@ def attention_received(
     q_cols: torch.Tensor,
     pad: torch.Tensor,
     scaling: float,
+    newest: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention the queries ``q`` ``[B, Hq, w, D]`` (at columns ``q_cols`` ``[w]``) give the held
     keys ``keys`` ``[B, Hk, T, D]`` (at columns ``key_pos`` ``[B, Hk, T]``).
+
+    ``newest``: the caller guarantees the last query is the newest column, at or after every held
+    key (true for a forward's own queries), so a single query needs no causal mask.
 
     A query sees keys at columns <= its own and not in its row's left padding (``pad`` ``[B]``);
     pad queries do not count. Returns ``(attn [B, Hk, T] summed over queries and averaged over each
@@ -40,7 +44,7 @@ def attention_received(
     hk, t = keys.shape[1], keys.shape[2]
     kf = keys.float()
     if w == 1:
-        return _one_query(q.view(b, hk, hq // hk, d), kf, key_pos, q_cols, pad, scaling)
+        return _one_query(q.view(b, hk, hq // hk, d), kf, key_pos, q_cols, pad, scaling, newest)
     kp = key_pos.long()
     pad_l = pad.long().view(b, 1, 1)
     key_ok = kp >= pad_l  # [B, Hk, T]
@@ -59,13 +63,15 @@ def attention_received(
 
 
 def _one_query(
-    qg: torch.Tensor, kf: torch.Tensor, key_pos: torch.Tensor, q_col: torch.Tensor, pad: torch.Tensor, scaling: float
+    qg: torch.Tensor, kf: torch.Tensor, key_pos: torch.Tensor, q_col: torch.Tensor, pad: torch.Tensor, scaling: float,
+    newest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_received` for one query (every decode step, TOVA at prefill): the same masks
     in 3-d, without the query-chunk loop. ``qg`` ``[B, Hk, r, D]`` (query heads grouped per kv head)."""
     b = qg.shape[0]
-    pad_c = pad.view(b, 1, 1)
-    hidden = (key_pos < pad_c) | (key_pos > q_col.view(1, 1, 1))  # [B, Hk, T]: pad, or after the query
+    hidden = key_pos < pad.view(b, 1, 1)  # [B, Hk, T]: a pad key
+    if not newest:
+        hidden = hidden | (key_pos > q_col.view(1, 1, 1))  # or after the query
     s = torch.matmul(qg, kf.transpose(-1, -2)).mul_(scaling)  # [B, Hk, r, T]
     s.masked_fill_(hidden.unsqueeze(2), float("-inf"))
     attn = s.softmax(-1).mean(2)
@@ -73,8 +79,26 @@ def _one_query(
     return attn.mul_(q_ok.view(b, 1, 1)).nan_to_num_(0.0), q_ok.long()
 
 
+#: Attribute where the ``q_proj`` hook leaves a one-token forward's projected query for the module.
+_CAUGHT_Q = "_sinkcache_q"
+
+
+def _catch_q(proj, args, output) -> None:
+    # Decode steps only (one token: tiny); any longer forward clears it, so a caught query is
+    # always this forward's own. Longer forwards recompute their (few observed) queries.
+    setattr(proj, _CAUGHT_Q, output if output.dim() == 3 and output.shape[1] == 1 else None)
+
+
 class AttentionObserver(CacheHooks):
-    """Hooks that feed the attention scorers of ``cache``'s evicting layers (one per cache)."""
+    """Hooks that feed the attention scorers of ``cache``'s evicting layers (one per cache).
+
+    Besides the attention modules' hooks, a hook on each ``q_proj`` keeps a decode step's projected
+    query, so the hot path does not project it a second time."""
+
+    def attach(self, model: Any, cache: Any) -> None:
+        super().attach(model, cache)
+        for _, module in attention_modules(model):
+            self._handles.append(module.q_proj.register_forward_hook(_catch_q))
 
     def on_forward(self, idx, module, cache, hs, pe) -> None:
         layer = cache.layers[idx]
@@ -94,8 +118,11 @@ def observe_layer(layer: Any, module: Any, hs: torch.Tensor, cos: torch.Tensor, 
     its scores. ``hs`` ``[B, q, hidden]`` is the attention module's input."""
     q_len = hs.shape[1]
     w = q_len if layer.scorer.queries is None else min(layer.scorer.queries, q_len)
-    q = project_q(module, hs, cos, sin, w)
+    caught = getattr(module.q_proj, _CAUGHT_Q, None) if q_len == 1 else None
+    if caught is not None and caught.shape[0] != hs.shape[0]:
+        caught = None
+    q = project_q(module, hs, cos, sin, w, projected=caught)
     q_cols = torch.arange(layer.seen - w, layer.seen, device=hs.device)
     pad = ctx.pad_counts(hs.shape[0], hs.device)
-    attn, nq = attention_received(q, layer.keys, layer.pos, q_cols, pad, module.scaling)
+    attn, nq = attention_received(q, layer.keys, layer.pos, q_cols, pad, module.scaling, newest=True)
     layer.observe_attention(attn, nq, q_len)

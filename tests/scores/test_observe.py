@@ -42,6 +42,9 @@ def test_one_query_path_equals_the_chunked_one(q_col):
     torch.testing.assert_close(one, both - first)
     assert torch.equal(n1, n2 - n0) and n1.tolist() == [1, int(q_col >= 2), 0]
     assert torch.all(one[:, :, q_col + 1 :] == 0) and torch.all(one[2] == 0)
+    if q_col == 4:  # the newest column: the caller may say so and skip the causal mask
+        fast, nf = attention_received(q[:, :, 1:], keys, pos, torch.tensor([q_col]), pad, 0.3, newest=True)
+        assert torch.equal(fast, one) and torch.equal(nf, n1)
 
 
 def test_observer_hooks_follow_the_cache(tiny):

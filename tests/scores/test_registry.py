@@ -6,9 +6,11 @@ import pytest
 from conftest import prompt
 from helpers import eager_prefill
 
-from sinkcache import SinkCache
+from sinkcache import EvictPolicy, SinkCache
 from sinkcache.policies import make_policy
 from sinkcache.scores import (
+    DEFAULT_SCORE,
+    QUERY_FREE_SCORE,
     SCORE_NAMES,
     H2OScorer,
     Scorer,
@@ -58,7 +60,16 @@ def test_the_built_cache_records_its_scorer(tiny, score):
     c = SinkCache("evict", budget=16, score=score, model=tiny("llama", "sdpa"))
     d = c.describe()
     assert d["score"] == score and d["scorer"] == repr(make_scorer(score))
-    assert SinkCache("evict", budget=16).describe()["score"] == "keynorm"  # the default
+
+
+
+def test_the_default_scorer_is_tova_with_the_model_and_keynorm_without(tiny):
+    m = tiny("llama", "sdpa")
+    assert DEFAULT_SCORE == "tova" and QUERY_FREE_SCORE == "keynorm"
+    assert SinkCache("evict", budget=16, model=m).describe()["score"] == "tova"
+    assert SinkCache("evict", budget=16).describe()["score"] == "keynorm"  # no queries to read
+    assert SinkCache("evict", budget=16, positions="shifted", model=m).describe()["score"] == "keynorm"
+    assert SinkCache(EvictPolicy(budget=16), model=m).describe()["score"] == "keynorm"  # an object says what it is
 
 
 def test_eviction_keeps_the_best_scored_and_always_the_protected(tiny):
