@@ -32,8 +32,8 @@ from typing import Any
 from ._console import format_bytes, format_table
 
 #: Chosen before looking at which policy wins (and kept): see the module docstring.
-DEFAULT_QUESTIONS = 12
-DEFAULT_CONTEXT = 768
+DEFAULT_QUESTIONS = 8
+DEFAULT_CONTEXT = 512
 DEFAULT_BUDGET_PERCENT = 25.0
 DEFAULT_SEED = 0
 MAX_NEW_TOKENS = 8
