@@ -256,7 +256,8 @@ def plot_demo(rows: Sequence[Row], path: str | Path, title: str) -> Path:
         x = 100.0 * sum(r.bytes) / max(1, sum(r.full_bytes))
         y = r.correct / r.asked
         ax.scatter([x], [y], color=colors[r.group], s=60, zorder=3)
-        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        below = r.group == "peer"  # peers sit left of ours at the same accuracy: label them underneath
+        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, -12 if below else 4), fontsize=8)
     ax.set_xlabel("KV cache held, % of the full cache (measured bytes)")
     ax.set_ylabel("questions answered (of those the full cache answers)")
     ax.set_ylim(-0.05, 1.1)
