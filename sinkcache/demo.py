@@ -20,7 +20,6 @@ Bytes are the caches' own accounting (``memory_bytes()``) after each answer, ave
 
 from __future__ import annotations
 
-import copy
 import random
 import sys
 import time
@@ -179,20 +178,10 @@ def _describe(cache: Any) -> dict[str, Any]:
 def _shared_prefill(model: Any, enc: Any, caches: Sequence[Any]) -> Any:
     """One recorded forward of the prompt for every SinkCache row (:class:`~sinkcache.fork.SharedPrefill`):
     what each would have computed itself, so only the quanto rows prefill again."""
-    from .fork import SharedPrefill, detector_config
-    from .sinks import AutoSinks
+    from .fork import SharedPrefill, fresh_detector, prefill_needs
 
-    detector: Any = None
-    queries: dict[int | None, None] = {}
-    for c in caches:
-        if detector_config(c.sink_selector) is not None and detector is None:
-            detector = copy.copy(c.sink_selector)
-            detector.state, detector._handles = {}, []
-        scorer = c.policy.scorer() if hasattr(c.policy, "scorer") else None
-        if scorer is not None and scorer.needs_attention:
-            queries[scorer.queries] = None
-    assert detector is None or isinstance(detector, AutoSinks)
-    shared = SharedPrefill(model, detector=detector, score_queries=tuple(queries))
+    detector, queries = prefill_needs(caches)
+    shared = SharedPrefill(model, detector=fresh_detector(detector), score_queries=queries)
     _prefill(model, enc, shared.cache)
     return shared
 
@@ -228,7 +217,7 @@ def run_demo(
                     if not right:
                         break  # the model does not know it: the other rows are not asked
                     kept.append(q)
-                row.built = row.built or _describe(cache)
+                row.built = _describe(cache)
                 row.asked += 1
                 row.correct += int(right)
                 row.bytes.append(int(cache.memory_bytes()))
@@ -291,8 +280,12 @@ def report(rows: Sequence[Row], kept: int, asked: int) -> str:
             ]
         )
     head = ["cache", "right", "KV bytes", "% of full", "ratio", "tok/s"]
+    built = "\n".join(
+        f"  {r.label}: " + ", ".join(f"{k}={v}" for k, v in r.built.items()) for r in rows if r.built
+    )
     return (
         format_table(head, table, align="lrrrrr")
+        + ("\n\nbuilt (read back from each cache's describe(), last question):\n" + built if built else "")
         + f"\n\nright: of the {kept} questions the full cache answers ({asked} asked; a 5-digit pass key hidden in a "
         "long report); KV bytes: mean held after each answer; tok/s: answer tokens per second (the prompt's "
         "forward, shared by the SinkCache rows, is timed apart)."

@@ -29,7 +29,7 @@ from .scores.observe import attention_received
 from .sinks import NoSinks
 from .sinks.auto import AutoSinks
 
-__all__ = ["SharedPrefill", "detector_config"]
+__all__ = ["SharedPrefill", "detector_config", "fresh_detector", "prefill_needs"]
 
 
 def detector_config(sel: Any) -> tuple | None:
@@ -39,6 +39,35 @@ def detector_config(sel: Any) -> tuple | None:
         return None
     punct = None if sel.punct_ids is None else tuple(int(i) for i in sel.punct_ids.tolist())
     return (sel.n_first, sel.threshold, sel.obs_window, sel.context, sel.bank_size, sel.min_ratio, punct)
+
+
+def prefill_needs(caches: Iterable[Any], names: Iterable[str] | None = None) -> tuple[AutoSinks | None, tuple]:
+    """What one recorded forward must measure to serve ``caches``: a template of their common
+    ``sinks="auto"`` detector (``None`` if none uses it) and the query counts their attention scorers
+    read at prefill. Raises if two detectors are configured differently (they cannot share)."""
+    caches = list(caches)
+    labels = list(names) if names is not None else [str(i) for i in range(len(caches))]
+    found: dict[tuple, tuple[str, AutoSinks]] = {}
+    queries: dict[int | None, None] = {}
+    for label, c in zip(labels, caches, strict=True):
+        cfg = detector_config(c.sink_selector)
+        if cfg is not None:
+            found.setdefault(cfg, (label, c.sink_selector))
+        scorer = c.policy.scorer() if hasattr(c.policy, "scorer") else None
+        if scorer is not None and scorer.needs_attention:
+            queries[scorer.queries] = None
+    if len(found) > 1:
+        raise ValueError(f"members' sink detectors differ ({', '.join(n for n, _ in found.values())}); they cannot share a prefill")
+    return (next(iter(found.values()))[1] if found else None), tuple(queries)
+
+
+def fresh_detector(template: AutoSinks | None) -> AutoSinks | None:
+    """A detector configured like ``template`` with no measurements and no hooks (one per prefill)."""
+    if template is None:
+        return None
+    d = copy.copy(template)
+    d.state, d._handles = {}, []
+    return d
 
 
 class SharedPrefill(CacheHooks):

@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from .evaluation import SinkCacheLM
-from .fork import SharedPrefill, detector_config
+from .fork import SharedPrefill, fresh_detector, prefill_needs
 
 __all__ = ["ForkLM"]
 
@@ -60,50 +59,20 @@ class ForkLM(SinkCacheLM):
         )
         self.members = dict(members)
         self.names = list(members)
-        self._detector = self._shared_detector()
-        self._score_queries = self._shared_score_queries()
+        self._detector, self._score_queries = self._prefill_needs()
         self.answers: dict[str, dict[tuple, Any]] = {n: {} for n in self.names}
         self.current = self.names[0]  # the member whose answers lm-eval receives
         self.replaying = False  # False: the record pass (every member runs, one prefill per request)
         self.timing: dict[str, Any] = {"shared_prefill_s": 0.0, "prefills": 0, "member_s": {n: 0.0 for n in self.names}}
 
-    def _shared_detector(self):
-        """A fresh detector configured like the members' ``sinks="auto"`` ones (they must agree)."""
-        found: dict[tuple, Any] = {}
-        for name, m in self.members.items():
-            probe = m.make_cache()
-            try:
-                cfg = detector_config(probe.sink_selector)
-                if cfg is not None:
-                    found.setdefault(cfg, (name, probe.sink_selector))
-            finally:
-                probe.detach()
-        if len(found) > 1:
-            raise ValueError(f"members' sink detectors differ ({', '.join(n for n, _ in found.values())}); they cannot share a prefill")
-        if not found:
-            return None
-        return next(iter(found.values()))[1]
-
-    def _shared_score_queries(self) -> tuple:
-        """The query counts the members' attention scorers read at prefill (recorded once each)."""
-        out: dict = {}
-        for m in self.members.values():
-            probe = m.make_cache()
-            try:
-                policy = probe.policy
-                scorer = policy.scorer() if hasattr(policy, "scorer") else None
-                if scorer is not None and scorer.needs_attention:
-                    out[scorer.queries] = None
-            finally:
-                probe.detach()
-        return tuple(out)
-
-    def _fresh_detector(self):
-        if self._detector is None:
-            return None
-        d = copy.copy(self._detector)
-        d.state, d._handles = {}, []
-        return d
+    def _prefill_needs(self) -> tuple:
+        """(detector template, score query counts) from a probe cache of every member."""
+        probes = [m.make_cache() for m in self.members.values()]
+        try:
+            return prefill_needs(probes, self.names)
+        finally:
+            for c in probes:
+                c.detach()
 
     # ---- passes -----------------------------------------------------------------------------------
     def run_all(self, evaluate: Callable[[ForkLM], Any]) -> dict[str, Any]:
@@ -150,7 +119,7 @@ class ForkLM(SinkCacheLM):
 
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> SharedPrefill:
         t0 = time.perf_counter()
-        shared = SharedPrefill(self.model, detector=self._fresh_detector(), score_queries=self._score_queries)
+        shared = SharedPrefill(self.model, detector=fresh_detector(self._detector), score_queries=self._score_queries)
         if ids.shape[1]:
             self._prefill_forward(shared.cache, ids, mask)
         self.timing["shared_prefill_s"] += time.perf_counter() - t0

@@ -94,3 +94,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    """The byte-level tokenizer of the lm-eval tests (no download)."""
+    from test_evals import _byte_tokenizer
+
+    return _byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def byte_model(byte_tok):
+    """The tiny random Llama sized for :func:`byte_tok`."""
+    return _build("llama", vocab_size=len(byte_tok))

@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import _build
-from test_evals import _byte_tokenizer
 
 from sinkcache import cli, demo
 
@@ -16,13 +14,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return _byte_tokenizer()
+def tok(byte_tok):
+    return byte_tok
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return _build("llama", vocab_size=len(tok))
+def model(byte_model):
+    return byte_model
 
 
 def test_questions_are_fixed_by_the_seed_and_long_enough(tok):
@@ -93,6 +91,8 @@ def test_forked_answers_equal_each_cache_alone(model, tok, monkeypatch):
             assert calls[qi * len(rows) + ri] == alone, r.label
     ev = next(r for r in rows if r.label.startswith("evict 25%: measured"))
     assert sum(ev.bytes) < 0.4 * sum(rows[0].bytes)  # eviction really held a quarter or so
+    text = demo.report(rows, 2, 2)  # what was built, read back, is printed with the table
+    assert f"{ev.label}: policy=evict, budget={ev.built['budget']}" in text and "score=snapkv" in text
 
 
 def test_questions_the_full_cache_misses_are_not_asked(model, tok, monkeypatch):
