@@ -131,7 +131,7 @@ def demo_rows(model: Any, tok: Any, budget_percent: float = DEFAULT_BUDGET_PERCE
         Row("int2, first-token sink", "ours", sink(policy="quantize", bits=2)),
         Row("int2, no sink (KIVI)", "baseline", sink(policy="quantize", bits=2, sinks="none")),
         Row(f"evict {pct}: measured sinks, {score} scores", "ours", evict({"policy": "evict", "sinks": "auto", "score": score}, "default")),
-        Row(f"evict {pct}: StreamingLLM (first 4 + recent)", "baseline", evict({"policy": "evict", "sinks": "first", "n_first": 4}, "rest")),
+        Row(f"evict {pct}: StreamingLLM (first 4 + recent)", "baseline", evict({"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"}, "rest")),
     ]
     notes = []
     try:

@@ -54,7 +54,7 @@ def test_rows_build_what_they_say(model, tok):
     ev = built["evict 25%: measured sinks, tova scores"]
     assert (ev["policy"], ev["budget"], ev["sinks"], ev["score"]) == ("evict", math.ceil(0.25 * 400), "auto", "tova")
     st = built["evict 25%: StreamingLLM (first 4 + recent)"]
-    assert (st["budget"], st["window"], st["sinks"], st["n_first"]) == (100, 96, "first", 4)
+    assert (st["budget"], st["window"], st["sinks"], st["n_first"], st["score"]) == (100, 96, "first", 4, "keynorm")
     peers = [r for r in rows if r.group == "peer"]
     assert [built[r.label]["nbits"] for r in peers] == [4, 2]
     with pytest.raises(ValueError, match="budget_percent=0"):
