@@ -170,7 +170,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    from .models import list_aliases
+    from .aliases import list_aliases
 
     p = sub.add_parser(
         "generate",
