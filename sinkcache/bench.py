@@ -180,7 +180,16 @@ class Run:
 
     @property
     def decode_tps(self) -> float:
-        return len(self.step_s) / sum(self.step_s)
+        """Steady decode tokens/s: every step but the first (see :func:`steady_tps`)."""
+        return steady_tps(self.step_s)
+
+
+def steady_tps(step_s: Sequence[float]) -> float:
+    """Tokens/s of the steps after the first. The first decode step is where a compressing cache
+    quantizes or evicts the whole prompt (one forward late, see ``CompressingLayer.compress``), so
+    it is reported apart (``first_step_ms``) rather than averaged into steady decode."""
+    steady = list(step_s[1:]) or list(step_s)
+    return len(steady) / sum(steady)
 
 
 def _decode(model: Any, cache: Any, first: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
@@ -308,7 +317,7 @@ def run_bench(
                     if log:
                         log(
                             f"ctx {ctx:6d} rep {rep} {spec.name:14s} prefill {run.prefill_s:7.2f}s  decode "
-                            f"{run.decode_tps:6.1f} tok/s (baseline {len(steps) / sum(steps):6.1f})  "
+                            f"{run.decode_tps:6.1f} tok/s (baseline {steady_tps(steps):6.1f})  "
                             f"KV {run.kv_bytes / 2**20:7.1f} MiB"
                         )
                 del bcache
@@ -344,12 +353,16 @@ def summarize(runs: Sequence[Run], specs: Sequence[CacheSpec], dtype_bytes: int)
                 continue
             if spec.name == specs[0].name:
                 # The baseline's decode speed: every A run of this context (its own B is the first decode).
-                paired = [len(r.step_s) / sum(r.step_s) for r in rs]
-                paired += [len(r.baseline_step_s) / sum(r.baseline_step_s) for r in runs if r.context == ctx and r.baseline_step_s]
+                paired = [steady_tps(r.step_s) for r in rs]
+                paired += [steady_tps(r.baseline_step_s) for r in runs if r.context == ctx and r.baseline_step_s]
                 tps, b_tps = _med(paired), _med(paired)
+                first_ms = _med([1e3 * r.step_s[0] for r in rs])
+                b_first_ms = first_ms
             else:
                 tps = _med([r.decode_tps for r in rs])
-                b_tps = _med([len(r.baseline_step_s) / sum(r.baseline_step_s) for r in rs])
+                b_tps = _med([steady_tps(r.baseline_step_s) for r in rs])
+                first_ms = _med([1e3 * r.step_s[0] for r in rs])
+                b_first_ms = _med([1e3 * r.baseline_step_s[0] for r in rs])
             kv = _med([r.kv_bytes for r in rs])
             n = min(len(b_tokens), len(rs[0].tokens))
             agree = sum(a == b for a, b in zip(b_tokens[:n], rs[0].tokens[:n])) / n if n else float("nan")
@@ -364,7 +377,9 @@ def summarize(runs: Sequence[Run], specs: Sequence[CacheSpec], dtype_bytes: int)
                     prefill_x=_med([r.prefill_s for r in rs]) / b_prefill,
                     decode_tps=tps,
                     decode_x=tps / b_tps,
-                    ms_per_token=_med([1e3 * s for r in rs for s in r.step_s]),
+                    ms_per_token=_med([1e3 * s for r in rs for s in (r.step_s[1:] or r.step_s)]),
+                    first_step_ms=first_ms,
+                    first_step_x=first_ms / b_first_ms,
                     kv_bytes=kv,
                     kv_x=b_kv / kv,
                     kv_x16=b_kv * 2 / dtype_bytes / kv,
@@ -393,7 +408,7 @@ def to_markdown(rows: Sequence[dict], meta: dict[str, Any]) -> str:
     """The results table (markdown), with the run's settings and machine stated above it."""
     m = meta["machine"]
     lines = [
-        f"# sinkcache bench: {meta['model']} ({meta['dtype']}), {meta['decode_tokens']} decode tokens, "
+        f"# sinkcache bench: {meta['model']} ({meta['dtype']}, {meta.get('device', 'cpu')}), {meta['decode_tokens']} decode tokens, "
         f"{meta['reps']} reps",
         "",
         f"Machine: {m['machine']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} torch thread(s); "
@@ -401,17 +416,20 @@ def to_markdown(rows: Sequence[dict], meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`; {meta['seconds']:.0f} s.",
         "",
         "Medians over repetitions; `x` columns are ratios to `DynamicCache` measured in the same run "
-        "(decode: the baseline decoded right before each cache, A B A B). Decode `x` > 1 is faster; "
+        "(decode: the baseline decoded right before each cache, A B A B). Decode tok/s and ms/token are "
+        "steady decode (every step but the first); the first decode step, where a compressing cache "
+        "quantizes or evicts the whole prompt, is its own column. Decode `x` > 1 is faster; "
         "KV `x` is how many times smaller (vs the model-dtype cache, and vs a 16-bit one at 2 bytes/element). "
         "Peak RSS: growth over the cell's starting RSS (VmHWM reset per cell, in process). "
         "`agree`: share of greedy tokens equal to DynamicCache's.",
         "",
-        "| context | cache | prefill s | x | decode tok/s | x | ms/token | KV MiB | KV x smaller | vs 16-bit | peak RSS +MiB | agree |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | cache | prefill s | x | first step ms | x | decode tok/s | x | ms/token | KV MiB | KV x smaller | vs 16-bit | peak RSS +MiB | agree |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['context']} | {r['label']} | {r['prefill_s']:.2f} | {r['prefill_x']:.2f} | {r['decode_tps']:.1f} | "
+            f"| {r['context']} | {r['label']} | {r['prefill_s']:.2f} | {r['prefill_x']:.2f} | "
+            f"{r['first_step_ms']:.0f} | {r['first_step_x']:.2f} | {r['decode_tps']:.1f} | "
             f"{r['decode_x']:.2f} | {r['ms_per_token']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {r['kv_x']:.2f} | "
             f"{r['kv_x16']:.2f} | {r['rss_delta'] / 2**20:.0f} | {r['agree']:.2f} |"
         )
@@ -467,13 +485,20 @@ def bench(
     reps: int | None = None,
     decode_tokens: int | None = None,
     budget: int = BUDGET,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    device: str | None = None,
     threads: int = 1,
     out_dir: str | Path = "evals/results/bench",
     command: str = "",
     log: Callable[[str], None] | None = print,
+    throughput_mib: float | None = None,
+    max_batch: int = 64,
 ) -> dict[str, Any]:
-    """Load ``model_name``, run the sweep on held-out text, write the results; returns meta, rows and paths."""
+    """Load ``model_name``, run the sweep on held-out text, write the results; returns meta, rows and paths.
+
+    ``device``: default CUDA when available, else CPU; ``dtype``: default bfloat16 on CUDA, float32
+    on CPU. ``throughput_mib``: instead of the per-context sweep, measure decode throughput at this
+    fixed KV budget (:mod:`sinkcache.throughput`) at the first of ``contexts``."""
     from .calibration import split_text
     from .models import load_model
 
@@ -491,22 +516,46 @@ def bench(
         if unknown:
             raise ValueError(f"unknown cache(s) {', '.join(unknown)}; allowed: {', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name == BASELINE or s.name in caches]
+    device = resolve_device(device)
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     before_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model, tok = load_model(model_name, dtype=dtype, progress=False)
-        ids = tok(split_text("heldout"), return_tensors="pt")["input_ids"]
+        model.to(torch.device(device))  # type: ignore[arg-type]
+        ids = tok(split_text("heldout"), return_tensors="pt")["input_ids"].to(device)
         load_before = [round(x, 2) for x in os.getloadavg()]
         t0 = time.perf_counter()
-        runs = run_bench(model, ids, contexts=contexts, specs=specs, reps=reps, decode_tokens=decode_tokens, tokenizer=tok, log=log)
+        if throughput_mib is not None:
+            from . import throughput
+
+            trows = throughput.fixed_memory_throughput(
+                model, ids, specs, kv_budget_bytes=int(throughput_mib * 2**20), context=contexts[0],
+                decode_tokens=decode_tokens, max_batch=max_batch, tokenizer=tok, log=log,
+            )
+        else:
+            runs = run_bench(model, ids, contexts=contexts, specs=specs, reps=reps, decode_tokens=decode_tokens, tokenizer=tok, log=log)
         seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(before_threads)
-    dtype_bytes = next(model.parameters()).element_size()
+    param = next(model.parameters())
+    where = {"device": str(param.device), "dtype": str(param.dtype).replace("torch.", "")}  # read back from the model
+    if throughput_mib is not None:
+        tmeta = {
+            "model": model_name, **where, "kv_budget_mib": throughput_mib, "context": contexts[0],
+            "decode_tokens": decode_tokens, "max_batch": max_batch,
+            "caches": {s.name: {"label": s.label, "kind": s.kind, "options": s.options} for s in specs},
+            "machine": machine_info(threads), "load_before": load_before,
+            "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": seconds,
+            "command": command or "sinkcache bench --throughput-mib", "transformers": _transformers_version(),
+        }
+        return {"meta": tmeta, "throughput": trows, "paths": throughput.write(trows, tmeta, out_dir)}
+    dtype_bytes = param.element_size()
     rows = summarize(runs, specs, dtype_bytes)
     meta = {
         "model": model_name,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        **where,
+        "transformers": _transformers_version(),
         "contexts": list(contexts),
         "reps": reps,
         "decode_tokens": decode_tokens,
@@ -523,13 +572,37 @@ def bench(
     return {"meta": meta, "rows": rows, "paths": paths}
 
 
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against what this machine has; ``None``: CUDA when available, else CPU."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not a torch device; allowed: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; allowed: cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported by the benchmark; allowed: cpu, cuda, cuda:N")
+    return str(dev)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
 def format_rows(rows: Sequence[dict]) -> str:
     """A compact console table of the summary rows (the ratios the issue asks to print)."""
-    head = f"{'ctx':>6} {'cache':14s} {'prefill s':>9} {'x':>5} {'tok/s':>7} {'x':>5} {'KV MiB':>8} {'x':>6} {'x16':>6} {'RSS+MiB':>8} {'agree':>5}"
+    head = f"{'ctx':>6} {'cache':14s} {'prefill s':>9} {'x':>5} {'1st ms':>7} {'x':>5} {'tok/s':>7} {'x':>5} {'KV MiB':>8} {'x':>6} {'x16':>6} {'RSS+MiB':>8} {'agree':>5}"
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['context']:6d} {r['cache']:14s} {r['prefill_s']:9.2f} {r['prefill_x']:5.2f} {r['decode_tps']:7.1f} "
+            f"{r['context']:6d} {r['cache']:14s} {r['prefill_s']:9.2f} {r['prefill_x']:5.2f} "
+            f"{r['first_step_ms']:7.0f} {r['first_step_x']:5.2f} {r['decode_tps']:7.1f} "
             f"{r['decode_x']:5.2f} {r['kv_bytes'] / 2**20:8.1f} {r['kv_x']:6.2f} {r['kv_x16']:6.2f} "
             f"{r['rss_delta'] / 2**20:8.0f} {r['agree']:5.2f}"
         )

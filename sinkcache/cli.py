@@ -616,8 +616,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=_positive_int, default=None, help="repetitions (default: preset)")
     p.add_argument("--decode-tokens", type=_positive_int, default=None, help="greedy tokens timed per run")
     p.add_argument("--budget", type=_positive_int, default=1024, help="tokens per layer for evict/hybrid")
-    p.add_argument("--dtype", type=_dtype, default="float32", metavar="DTYPE", help=f"model dtype: {', '.join(DTYPES)}")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE", help=f"model dtype: {', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads while measuring")
+    p.add_argument(
+        "--throughput-mib", type=_positive_float, default=None, metavar="MIB",
+        help="instead of the sweep: the largest batch each cache fits in MIB of KV at the first --contexts length, and the tokens/s it decodes",
+    )
+    p.add_argument("--max-batch", type=_positive_int, default=64, help="largest batch --throughput-mib tries")
     p.add_argument("--out", default="evals/results/bench", help="output directory")
     p.set_defaults(func=_cmd_bench)
 
@@ -636,10 +642,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         decode_tokens=args.decode_tokens,
         budget=args.budget,
         dtype=args.dtype,
+        device=args.device,
         threads=args.threads,
         out_dir=args.out,
         command="sinkcache " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        throughput_mib=args.throughput_mib,
+        max_batch=args.max_batch,
     )
+    if "throughput" in res:
+        from .throughput import to_markdown
+
+        print(to_markdown(res["throughput"], res["meta"]))
+        print(f"wrote {res['paths']['md']}, {res['paths']['json']}, {res['paths']['png']}")
+        return 0
     print(format_rows(res["rows"]))
     print(f"wrote {res['paths']['md']}, {res['paths']['json']}, {res['paths']['png']}")
     return 0

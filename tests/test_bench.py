@@ -157,3 +157,17 @@ def test_run_bench_rejects_bad_setups(tiny):
 def test_bench_subcommand_is_registered():
     args = build_parser().parse_args(["bench", "--quick", "--contexts", "64,128", "--caches", "int4,evict"])
     assert args.quick and args.contexts == "64,128" and args.threads == 1
+
+
+def test_first_step_is_reported_apart_from_steady_decode():
+    from sinkcache.bench import Run, steady_tps
+
+    # A compressing cache's first decode step quantizes the whole prompt: it must not be averaged in.
+    base = Run("dynamic", 10, 0, 1.0, [0.1, 0.1, 0.1], 100, 0, 0, [1, 2, 3])
+    cache = Run("int4", 10, 0, 1.0, [0.9, 0.2, 0.2], 25, 0, 0, [1, 2, 3], baseline_step_s=[0.3, 0.1, 0.1])
+    specs = [CacheSpec("dynamic", "d", "dynamic"), CacheSpec("int4", "q", "sinkcache")]
+    rows = {r["cache"]: r for r in summarize([base, cache], specs, dtype_bytes=4)}
+    assert steady_tps([0.9, 0.2, 0.2]) == pytest.approx(5.0) and steady_tps([0.5]) == pytest.approx(2.0)
+    assert rows["int4"]["decode_tps"] == pytest.approx(5.0) and rows["int4"]["decode_x"] == pytest.approx(0.5)
+    assert rows["int4"]["first_step_ms"] == pytest.approx(900.0) and rows["int4"]["first_step_x"] == pytest.approx(3.0)
+    assert rows["int4"]["ms_per_token"] == pytest.approx(200.0)
