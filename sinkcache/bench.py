@@ -94,6 +94,8 @@ def default_specs(budget: int = BUDGET, profile: str | None = None) -> list[Cach
         CacheSpec("int4-nosink", "quantize int4, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=4, sinks="none")),
         CacheSpec("int2", "quantize int2, first-token sink", "sinkcache", dict(policy="quantize", bits=2)),
         CacheSpec("int2-nosink", "quantize int2, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=2, sinks="none")),
+        CacheSpec("int4-auto", "quantize int4, measured sinks", "sinkcache", dict(policy="quantize", bits=4, sinks="auto")),
+        CacheSpec("int2-auto", "quantize int2, measured sinks", "sinkcache", dict(policy="quantize", bits=2, sinks="auto")),
         CacheSpec("hybrid2", f"hybrid int2 budget {budget}, first-token sink", "sinkcache", dict(policy="hybrid", bits=2, budget=budget)),
         CacheSpec("quanto4", "transformers QuantizedCache quanto int4", "quanto", dict(nbits=4)),
         CacheSpec("quanto2", "transformers QuantizedCache quanto int2", "quanto", dict(nbits=2)),
