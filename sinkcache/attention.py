@@ -80,6 +80,14 @@ def project_q(
     return apply_rope(q, cos[:, -w:], sin[:, -w:]).float()
 
 
+def layer_keys(layer: Any, t: int) -> torch.Tensor | None:
+    """The post-RoPE keys ``[B, Hk, t, D]`` (float32) that the last forward of ``t`` tokens gave
+    ``layer``, when it still holds them exactly (see ``CompressingLayer.newest_keys``); else ``None``."""
+    newest = getattr(layer, "newest_keys", None)
+    k = newest(t) if newest is not None else None
+    return None if k is None else k.float()
+
+
 class CacheHooks:
     """Forward hooks on every attention module of a model that act for *one* cache.
 

@@ -128,6 +128,12 @@ class CompressingLayer(CacheLayerMixin):
         """Tokens attention will see besides the new ones: what is held once pending compression runs."""
         raise NotImplementedError
 
+    def newest_keys(self, t: int) -> torch.Tensor | None:
+        """Post-RoPE keys ``[B, H, t, D]`` of the newest ``t`` tokens if this layer holds them exactly
+        and in arrival order (right after ``update``), else ``None``. Forward hooks reuse them
+        instead of recomputing ``k_proj`` and RoPE."""
+        return None
+
     def compress(self) -> None:
         """Run pending compression. ``update`` calls it first, so tokens are compressed one forward
         after they arrive: sink detection can then use the attention they drew in that forward."""
@@ -290,6 +296,13 @@ class EvictingLayer(CompressingLayer):
         self.sink = torch.cat([self.sink, torch.zeros(b, h, q, dtype=torch.bool, device=keys.device)], dim=2)
         self.seen += q
         return keys, values
+
+    def newest_keys(self, t: int) -> torch.Tensor | None:
+        # update() appends the new keys last and compresses only on the next update; shifted
+        # positions store them un-rotated, so those must be recomputed.
+        if self.rotary is not None or not self.is_initialized or t > self.keys.shape[2]:
+            return None
+        return self.keys[:, :, -t:]
 
     def observe_attention(self, attn: torch.Tensor, n_queries: torch.Tensor, q_len: int) -> None:
         """This forward's attention on the held tokens ``attn`` ``[B, H, T]`` (see
@@ -464,6 +477,12 @@ class QuantizedLayer(CompressingLayer):
         self.win_v = torch.cat([self.win_v, value_states], dim=2)
         self.seen += key_states.shape[2]
         return self._materialize()
+
+    def newest_keys(self, t: int) -> torch.Tensor | None:
+        # The newest tokens sit at the end of the exact window until the next update flushes it.
+        if not self.is_initialized or t > self.win_k.shape[2]:
+            return None
+        return self.win_k[:, :, -t:]
 
     def _flushable(self) -> int:
         """Tokens the next compression moves out of the window (a multiple of the group size)."""

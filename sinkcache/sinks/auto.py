@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..attention import CacheHooks, attention_modules, project_k, project_qk
+from ..attention import CacheHooks, attention_modules, layer_keys, project_k, project_q, project_qk
 from ..context import TokenContext
 from .base import SinkSelector
 from .first import FirstSinks
@@ -212,6 +212,7 @@ class AutoSinks(CacheHooks, SinkSelector):
             None if punct_ids is None else torch.tensor(sorted({int(i) for i in punct_ids}), dtype=torch.long)
         )
         self.needs_ids = self.punct_ids is not None
+        self._punct_lut: torch.Tensor | None = None
         self.state: dict[int, _LayerState] = {}
         self._handles: list = []
 
@@ -222,10 +223,13 @@ class AutoSinks(CacheHooks, SinkSelector):
         layer = cache.layers[idx]
         if getattr(layer, "is_sliding", False) or not hasattr(layer, "sink_count"):
             return  # a layer the cache does not compress: nothing to decide
-        self.observe(idx, module, hs, pe[0], pe[1], cache.get_seq_length(idx) - hs.shape[1], cache.ctx)
+        self.observe(idx, module, hs, pe[0], pe[1], cache.get_seq_length(idx) - hs.shape[1], cache.ctx, layer)
 
-    def observe(self, idx: int, module, hs: torch.Tensor, cos, sin, start: int, ctx: TokenContext) -> None:
-        """Measure one forward of layer ``idx`` (``hs`` ``[B, T, D]``, its first column ``start``)."""
+    def observe(
+        self, idx: int, module, hs: torch.Tensor, cos, sin, start: int, ctx: TokenContext, layer: Any = None
+    ) -> None:
+        """Measure one forward of layer ``idx`` (``hs`` ``[B, T, D]``, its first column ``start``);
+        ``layer``: the cache layer that forward updated (its exact recent keys are reused)."""
         b, t = hs.shape[0], hs.shape[1]
         st = self.state.setdefault(idx, _LayerState())
         if st.cnt is not None and (st.sum is None or st.sum.shape[0] != b):
@@ -237,14 +241,20 @@ class AutoSinks(CacheHooks, SinkSelector):
         w = min(self.obs_window, t)
         cand_new = self._is_candidate(ctx, cols, b) if t == 1 else torch.zeros(t, dtype=torch.bool)
         pending = st.cand is not None and bool(st.cand.any())
+        # The keys this forward gave the cache, when the layer still holds them exactly (its recent
+        # window): the same post-RoPE keys, without recomputing k_proj, norm and RoPE.
+        held = layer_keys(layer, t) if layer is not None else None
         if t == 1 and not pending and not bool(cand_new.any()) and start >= self.n_first + int(pad.max()):
             # a decode step with nothing to score: only keep its key for later denominators
-            k = project_k(module, hs, cos, sin)
+            k = held if held is not None else project_k(module, hs, cos, sin)
             self._append(st, start, torch.zeros(b, k.shape[1], 1, device=hs.device), torch.zeros(1, dtype=torch.long),
                          cand_new, torch.ones(1, dtype=torch.bool))
             self._add_ring(st, k, cols, valid)
             return
-        q, k = project_qk(module, hs, cos, sin, w)
+        if held is not None:
+            q, k = project_q(module, hs, cos, sin, w), held
+        else:
+            q, k = project_qk(module, hs, cos, sin, w)
         ctx_k, ctx_ok, ctx_cols = self._context(st, b, k)
         new, old = window_attention(q, k, module.scaling, valid, ctx_k, ctx_ok)
         hk = k.shape[1]
@@ -284,7 +294,11 @@ class AutoSinks(CacheHooks, SinkSelector):
         ids = ctx.ids_at(cols.cpu(), b)
         if ids is None:
             return torch.zeros(cols.numel(), dtype=torch.bool)
-        return torch.isin(ids.cpu(), self.punct_ids).any(0)
+        if self._punct_lut is None:  # a lookup table: torch.isin costs ~0.8 ms per call at one id
+            self._punct_lut = torch.zeros(int(self.punct_ids.max()) + 2, dtype=torch.bool)
+            self._punct_lut[self.punct_ids] = True
+        ids = ids.cpu().clamp(0, self._punct_lut.numel() - 1)  # ids past the table: its last (False) slot
+        return self._punct_lut[ids].any(0)
 
     def _context(self, st: _LayerState, b: int, k: torch.Tensor):
         parts_k, parts_ok, cols = [], [], []

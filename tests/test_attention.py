@@ -1,0 +1,51 @@
+"""``sinkcache.attention``: the keys hooks reuse from the cache equal the keys they would recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt
+
+from sinkcache import SinkCache
+from sinkcache.attention import CacheHooks, layer_keys, project_k
+
+
+class _Collect(CacheHooks):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float | None]] = []
+
+    def on_forward(self, idx, module, cache, hs, pe) -> None:
+        k = layer_keys(cache.layers[idx], hs.shape[1])
+        diff = None if k is None else float((k - project_k(module, hs, pe[0], pe[1])).abs().max())
+        self.seen.append((hs.shape[1], diff))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize(
+    "kw", [dict(policy="quantize", bits=2, window=4, group_size=8, sinks="first"), dict(policy="evict", budget=12, window=4, sinks="first")]
+)
+def test_layer_keys_are_the_keys_the_model_computed(tiny, name, kw):
+    model = tiny(name, attn="sdpa")
+    cache = SinkCache(**kw)
+    hooks = _Collect()
+    hooks.attach(model, cache)
+    try:
+        with torch.inference_mode():
+            model.generate(prompt(20), past_key_values=cache, max_new_tokens=6, do_sample=False)
+    finally:
+        hooks.detach()
+    assert hooks.seen and all(d is not None for _, d in hooks.seen)  # prefill and every decode step
+    assert max(d for _, d in hooks.seen if d is not None) == 0.0
+    assert {t for t, _ in hooks.seen} == {20, 1}
+
+
+def test_no_keys_where_the_layer_does_not_hold_them_exactly(tiny):
+    model = tiny("llama", attn="sdpa")
+    shifted = SinkCache(policy="evict", budget=12, window=4, sinks="first", positions="shifted", model=model)
+    with torch.inference_mode():
+        model(input_ids=prompt(20), past_key_values=shifted, use_cache=True)
+    assert layer_keys(shifted.layers[0], 1) is None  # un-rotated storage: recompute
+    q = SinkCache(policy="quantize", bits=2, window=4, group_size=8, sinks="first")
+    with torch.inference_mode():
+        model(input_ids=prompt(20), past_key_values=q, use_cache=True)
+    assert layer_keys(q.layers[0], 21) is None and layer_keys(q.layers[0], 20) is not None
