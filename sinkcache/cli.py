@@ -609,6 +609,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         fork_shards=args.fork_shards, report_only=args.report_only, import_dirs=args.import_dirs, device=args.device, dtype=args.dtype,
         command="sinkcache " + " ".join(shlex.quote(a) for a in argv),
     )
+    if res.get("rank", 0) != 0:
+        return 0  # a launch's other ranks ran their share; rank 0 merges, reports and says so
     print(
         f"{len(res['done'])} cells finished ({res['skipped']} reused), {len(res['failed'])} failed; "
         f"{res['reported']} cells reported in {res['out_dir']}/results.md"

@@ -182,9 +182,9 @@ def run_sweep(
         job_list.append(_Job(c.cell_id, spec, out / "cells" / f"{c.cell_id}.json", [c]))
 
     bar = tqdm(total=len(todo), desc=f"compare {model}", unit="cell", disable=not (progress and lead), dynamic_ncols=True)
-    if done and progress:
+    if done and progress and lead:
         bar.write(f"resuming: {len(done)} of {len(cells)} cells already finished in {out / 'cells'}")
-    if group and progress:
+    if group and progress and lead:
         bar.write(f"{len(group)} in-package cells share one prefill per request, documents over {shards} process(es)")
     shard_out: dict[str, dict[str, Any]] = {}
 
