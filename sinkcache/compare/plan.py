@@ -230,7 +230,7 @@ def plan(
 REPORTING_ONLY = frozenset(
     {
         "compare/report.py", "compare/stats.py", "compare/runner.py", "compare/__init__.py", "cli.py", "plots.py",
-        "bench.py", "analysis.py", "_console.py",
+        "bench.py", "analysis.py", "_console.py", "compare/ranks.py",
     }
 )
 
