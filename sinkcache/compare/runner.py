@@ -154,6 +154,8 @@ def run_sweep(
     cells = interleave(cells)
     code = code_fingerprint()
     done = load_done(out, model, limit, seed, cells, code, device=device, dtype=dtype)
+    if world > 1:
+        ranks.barrier()  # every rank has read the finished cells before rank 0 writes any (same plan on every rank)
     todo = [c for c in cells if c.cell_id not in done]
     failed: list[dict[str, Any]] = []
     records = [done[c.cell_id] for c in cells if c.cell_id in done]
