@@ -152,6 +152,19 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_placement_options(p: argparse.ArgumentParser, *, dtype_replaces: bool = False) -> None:
+    """``--device`` and ``--dtype`` (default: CUDA and bfloat16 when CUDA is available, else CPU
+    and float32); ``dtype_replaces``: the parser already has ``--dtype``, only its default changes."""
+    p.add_argument("--device", default=None, metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: CUDA when available)")
+    help_dtype = f"model dtype: {', '.join(DTYPES)} (default: bf16 on CUDA, float32 on CPU)"
+    if dtype_replaces:
+        for action in p._actions:
+            if action.dest == "dtype":
+                action.default, action.help = None, help_dtype
+    else:
+        p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE", help=help_dtype)
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     """Use ``n`` intra-op threads (default :func:`default_threads`) for the duration of a command,
@@ -444,6 +457,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="write the JSON report here")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     _add_model_options(p)
+    _add_placement_options(p, dtype_replaces=True)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -466,6 +480,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         output=args.output,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        device=args.device,
         apply_chat_template=args.chat,
         ruler_lengths=args.ruler_lengths,
         policies=None if args.policies is None else [t.strip() for t in args.policies.split(",") if t.strip()],
@@ -565,6 +580,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fork", dest="fork", action="store_false", help="run every in-package cell with its own prefills (default: one shared prefill per request)")
     p.add_argument("--out", default=None, help="output dir (default: evals/results/<model>)")
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    _add_placement_options(p)
     p.set_defaults(func=_cmd_compare)
 
 
@@ -590,9 +606,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     argv = list(sys.argv[1:])
     res = run_compare(
         args.model, **kw, limit=args.limit, seed=args.seed, out_dir=args.out, jobs=args.jobs, fork=args.fork,
-        fork_shards=args.fork_shards, report_only=args.report_only, import_dirs=args.import_dirs,
+        fork_shards=args.fork_shards, report_only=args.report_only, import_dirs=args.import_dirs, device=args.device, dtype=args.dtype,
         command="sinkcache " + " ".join(shlex.quote(a) for a in argv),
     )
+    if res.get("rank", 0) != 0:
+        return 0  # a launch's other ranks ran their share; rank 0 merges, reports and says so
     print(
         f"{len(res['done'])} cells finished ({res['skipped']} reused), {len(res['failed'])} failed; "
         f"{res['reported']} cells reported in {res['out_dir']}/results.md"

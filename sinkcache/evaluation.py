@@ -268,13 +268,9 @@ def merge_configs(configs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _resolve_device(device: str | None) -> str:
-    if device is None or str(device).strip().lower() in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device=%s requested but CUDA is not available; using cpu", device)
-        return "cpu"
-    return device
+    from .placement import resolve_device
+
+    return resolve_device(device)
 
 
 class _KVLog:
@@ -931,7 +927,7 @@ def run_eval(
     output: str | Path | None = None,
     batch_size: int = 1,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     chunk_size: int = 128,
     num_fewshot: int | None = None,
     include_path: str | Path | Sequence[str | Path] | None = None,
@@ -959,7 +955,8 @@ def run_eval(
         output: write the report here as JSON (parent folders are created).
         batch_size: requests per forward (1 is fastest on CPU).
         device: ``cpu``/``cuda``/... (default: CUDA when available).
-        dtype: model dtype (``float32``, ``bfloat16``, ``float16``).
+        dtype: model dtype (``float32``, ``bfloat16``, ``float16``; default: bfloat16 on CUDA,
+            float32 on CPU).
         chunk_size: tokens per forward for streaming perplexity.
         num_fewshot: override the tasks' few-shot count.
         include_path: extra task folder(s); default ``evals/tasks`` (``$SINKCACHE_EVAL_TASKS``).
@@ -1031,6 +1028,10 @@ def run_eval(
     }
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
+    from .placement import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     t0 = time.perf_counter()
     say(f"loading {model_name} (policy={policy}, {', '.join(f'{k}={v}' for k, v in cache_args.items() if v is not None and k != 'policy')})")
     lm = SinkCacheLM(

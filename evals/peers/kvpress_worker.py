@@ -68,17 +68,22 @@ def _cache_bytes(cache) -> int:
 
 
 class Worker:
-    def __init__(self, model_dir: str, press: str, ratio: float, threads: int) -> None:
+    def __init__(self, model_dir: str, press: str, ratio: float, threads: int, device: str = "cpu", dtype: str = "float32") -> None:
         import kvpress
         import transformers
 
         torch.set_num_threads(threads)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
         cfg = self.model.config.get_text_config(decoder=True)
         self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
         self.sliding_window = getattr(cfg, "sliding_window", None)
         self.press = getattr(kvpress, PRESSES[press])(compression_ratio=ratio) if ratio > 0 else None
         self.versions = {"kvpress": _version("kvpress"), "transformers": transformers.__version__, "torch": torch.__version__}
+        p = next(self.model.parameters())
+        # read back from the loaded model, not from the arguments
+        self.placement = {"device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+                          "torch": torch.__version__, "transformers": transformers.__version__}
         self.seen = 0
         self.tok_bytes = 0
 
@@ -118,7 +123,7 @@ class Worker:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([ctx], dtype=torch.long)
+        ids = torch.tensor([ctx], dtype=torch.long, device=self.device)
         with torch.no_grad(), self._press_ctx():
             self.model.model(input_ids=ids, past_key_values=cache)
         k, _ = _layer_kv(cache, self._first_full())
@@ -141,10 +146,10 @@ class Worker:
         return total
 
     def _forward(self, cache, ids: list[int], start: int, logits_to_keep: int = 0):
-        pos = torch.arange(start, start + len(ids)).unsqueeze(0)
+        pos = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         with torch.no_grad():
             out = self.model(
-                input_ids=torch.tensor([ids], dtype=torch.long),
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                 past_key_values=cache,
                 position_ids=pos,
                 logits_to_keep=logits_to_keep,
@@ -160,7 +165,7 @@ class Worker:
         for feed, target in zip(req["conts"], req["targets"], strict=True):
             logits = self._forward(cache, feed, len(ctx))
             logp = torch.log_softmax(logits.float(), dim=-1)[: len(target)]
-            tgt = torch.tensor(target, dtype=torch.long)
+            tgt = torch.tensor(target, dtype=torch.long, device=logp.device)
             greedy = bool((logp.argmax(-1) == tgt).all())
             results.append([float(logp.gather(-1, tgt.unsqueeze(-1)).sum()), greedy])
             mems.append(_cache_bytes(cache))
@@ -205,9 +210,13 @@ def main() -> None:
     ap.add_argument("--press", required=True, choices=sorted(PRESSES))
     ap.add_argument("--ratio", type=float, required=True, help="kvpress compression_ratio (fraction removed)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     t0 = time.perf_counter()
-    worker = Worker(args.model, args.press, args.ratio, args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available to this worker; allowed here: cpu")
+    worker = Worker(args.model, args.press, args.ratio, args.threads, args.device, args.dtype)
     out = sys.stdout
     sys.stdout = sys.stderr  # keep library prints off the protocol channel
     press = worker.press
@@ -216,7 +225,7 @@ def main() -> None:
         "press_class": type(press).__name__ if press is not None else None,  # None: ratio 0 runs no press
         "compression_ratio": float(getattr(press, "compression_ratio", 0.0)) if press is not None else 0.0,
     }
-    out.write(json.dumps({"ready": True, "versions": worker.versions, "press": built, "load_s": time.perf_counter() - t0}) + "\n")
+    out.write(json.dumps({"ready": True, "versions": worker.versions, "placement": worker.placement, "press": built, "load_s": time.perf_counter() - t0}) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)

@@ -60,6 +60,8 @@ def run_compare(
     command: str | None = None,
     report_only: bool = False,
     import_dirs: list[str | Path] | tuple[str | Path, ...] = (),
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep and write the tables and plot; returns the runner's summary.
 
@@ -68,9 +70,18 @@ def run_compare(
     ``meta["runs"]``). ``report_only``: run nothing, only rewrite the report from those cells.
     ``import_dirs``: other sweeps' output folders whose finished cells of ``model`` are copied into
     ``OUT/cells`` first (replacing cells of the same id), their commands added to the history.
+    ``device`` (default: CUDA when available) and ``dtype`` (default: bfloat16 on CUDA, float32 on
+    CPU): where every cell runs, ours and the peers'; bad values raise ValueError naming them.
+    Under ``accelerate launch`` the ranks share the cells (see :func:`.runner.run_sweep`) and rank 0
+    writes the report.
     """
+    from ..placement import dist_ranks, resolve_device, resolve_dtype
     from .report import write_results
     from .runner import load_cells, run_sweep
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    rank, world, _ = dist_ranks()
 
     cells = plan(policies, budgets, bits, hybrid_bits, tasks, hybrid_budgets)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
@@ -89,13 +100,22 @@ def run_compare(
         "jobs": jobs,
         "fork_shards": fork_shards,
         "tasks": list(tasks),
+        "device": device,
+        "dtype": dtype,
+        "ranks": world,
     }
     runs = previous_runs(out, model)
     for src in import_dirs:
-        imported = import_cells(Path(src), out, model)
+        imported = import_cells(Path(src), out, model) if rank == 0 else load_cells(Path(src), model)
         if not imported:
             raise ValueError(f"--import {src}: no finished cells of {model} in {Path(src) / 'cells'}")
         runs += [r for r in previous_runs(Path(src), model) if r.get("command") not in [x.get("command") for x in runs]]
+    if world > 1:
+        from . import ranks
+
+        ranks.barrier()  # rank 0 has copied the imported cells before any rank reads OUT/cells
+        if rank != 0 and report_only:
+            return {"done": [], "failed": [], "skipped": 0, "rank": rank}
     if not report_only and run["command"] not in [r.get("command") for r in runs]:
         runs.append(run)
     meta = {"model": model, "seed": seed, "runs": runs}
@@ -108,8 +128,10 @@ def run_compare(
     else:
         res = run_sweep(
             model, cells, out, limit=limit, seed=seed, jobs=jobs, fork=fork, fork_shards=fork_shards,
-            runner=runner, on_update=update, progress=progress,
+            runner=runner, on_update=update, progress=progress, device=device, dtype=dtype,
         )
+        if res.get("rank", 0) != 0:
+            return res  # rank 0 reports
     records = merge_records(res["done"], load_cells(out, model))
     write_results(out, model, records, meta)
     res["reported"] = len(records)

@@ -61,14 +61,18 @@ def lm_options(cell: Cell) -> dict[str, Any]:
     raise ValueError(f"unknown policy {cell.policy!r}")
 
 
-def build_lm(cell: Cell, model_name: str, *, model: Any = None, tokenizer: Any = None, checkpoint: str | None = None, log: str | None = None):
-    """The lm-eval model object that runs ``cell`` (options from :func:`lm_options`)."""
+def build_lm(
+    cell: Cell, model_name: str, *, model: Any = None, tokenizer: Any = None, checkpoint: str | None = None, log: str | None = None,
+    device: str = "cpu", dtype: str = "float32",
+):
+    """The lm-eval model object that runs ``cell`` (options from :func:`lm_options`) on ``device``
+    in ``dtype`` (a model object given as ``model`` runs where it is)."""
     from . import lms
 
     opts = lm_options(cell)
     cls = getattr(lms, opts.pop("class"))
     pretrained = model if model is not None else model_name
-    common: dict[str, Any] = {"pretrained": pretrained, "tokenizer": tokenizer, "device": "cpu", "batch_size": 1}
+    common: dict[str, Any] = {"pretrained": pretrained, "tokenizer": tokenizer, "device": device, "dtype": dtype, "batch_size": 1}
     if cls is lms.KVPressLM:
         if checkpoint is None:
             from ..models import load_model  # noqa: F401  (ensures the converted checkpoint exists)
@@ -123,9 +127,12 @@ def _evaluate(lm: Any, ts: Any, samples: dict[str, list[int]], seed: int) -> dic
 def _part(lm: Any, results: dict[str, Any], tasks: list[str], wall: float, doc_hash: dict[str, Any] | None = None) -> dict[str, Any]:
     """What one process measured for one cell: per-document scores and the raw KV log."""
     from ..evaluation import _scores
+    from ..placement import placement
 
     log = lm.kv_log
+    where = getattr(lm, "worker_placement", None) or placement(lm.model)
     return {
+        "placement": where,
         "docs": per_doc(results, tasks),
         "doc_hash": doc_hash or {},
         "lm_eval_scores": _scores(results),
@@ -165,6 +172,10 @@ def record_from_parts(cell: Cell, parts: list[dict[str, Any]], **extra: Any) -> 
         "n_docs": {t: len(v) for t, v in docs.items()},
         "shards": len(parts),
     }
+    where = [p["placement"] for p in parts if p.get("placement")]
+    if where:
+        # read back from the models that ran; one entry per distinct placement (ranks on cuda:0, cuda:1, ...)
+        rec["placement"] = where[0] if all(w == where[0] for w in where) else [dict(w) for w in {json.dumps(w, sort_keys=True): w for w in where}.values()]
     if doc_hash:
         rec["doc_hash"] = doc_hash  # RULER documents are generated: pairs check they are the same
     if len(parts) == 1:
@@ -198,13 +209,15 @@ def run_cell(
     progress: bool = False,
     shard: int = 0,
     shards: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Run ``cell`` alone; returns its record (scores, per-document scores, measured memory, wall
+    """Run ``cell`` alone on ``device`` in ``dtype``; returns its record (scores, per-document scores, measured memory, wall
     time, peak RSS)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    lm = build_lm(cell, model_name, model=model, tokenizer=tokenizer, checkpoint=checkpoint, log=log)
+    lm = build_lm(cell, model_name, model=model, tokenizer=tokenizer, checkpoint=checkpoint, log=log, device=device, dtype=dtype)
     t_load = time.perf_counter() - t0
     worker_rss = 0
     tasks = list(cell.tasks)
@@ -230,7 +243,7 @@ def run_cell(
 
 def run_fork_shard(
     cells: list[Cell], model_name: str, *, limit: int | None, seed: int = 0, shard: int = 0, shards: int = 1,
-    model: Any = None, tokenizer: Any = None,
+    model: Any = None, tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
 ) -> dict[str, Any]:
     """One shard of documents for several in-package cells, one prefill per request
     (:class:`~sinkcache.fork_lm.ForkLM`). Returns ``{"parts": {cell_id: part}, "timing": ...}``."""
@@ -248,8 +261,9 @@ def run_fork_shard(
     if model is None:
         from ..models import load_model
 
-        model, tokenizer = load_model(model_name, dtype="float32")
-    members = {c.cell_id: build_lm(c, model_name, model=model, tokenizer=tokenizer) for c in cells}
+        model, tokenizer = load_model(model_name, dtype=dtype)
+        model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to() confuses mypy
+    members = {c.cell_id: build_lm(c, model_name, model=model, tokenizer=tokenizer, device=device, dtype=dtype) for c in cells}
     fork = ForkLM(members)
     t_load = time.perf_counter() - t0
     from . import tasks as tasks_mod
@@ -292,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
-    common = {"limit": spec.get("limit"), "seed": int(spec.get("seed", 0))}
+    common = {"limit": spec.get("limit"), "seed": int(spec.get("seed", 0)), "device": spec.get("device", "cpu"), "dtype": spec.get("dtype", "float32")}
     if "cells" in spec:
         rec = run_fork_shard(
             [Cell.from_dict(c) for c in spec["cells"]], spec["model"], shard=int(spec["shard"]), shards=int(spec["shards"]), **common

@@ -287,7 +287,10 @@ class KVPressLM(SinkCacheLM):
         env.pop("PYTHONPATH", None)
         self._log = open(log or os.devnull, "a")  # noqa: SIM115  (lives as long as the worker)
         self.proc = subprocess.Popen(
-            [str(py), str(worker_script()), "--model", str(checkpoint), "--press", press, "--ratio", str(ratio)],
+            [
+                str(py), str(worker_script()), "--model", str(checkpoint), "--press", press, "--ratio", str(ratio),
+                "--device", str(self.model.device), "--dtype", str(self.model.dtype).removeprefix("torch."),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -297,6 +300,7 @@ class KVPressLM(SinkCacheLM):
         hello = self._recv()
         self.worker_versions = hello.get("versions", {})
         self.worker_press = hello.get("press")  # the press the worker really built
+        self.worker_placement = hello.get("placement")  # where the worker's model really runs
         self._stop_cache: dict[tuple[str, ...], list[int]] = {}
 
     def _pad_quantum(self) -> int:

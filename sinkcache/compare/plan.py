@@ -230,7 +230,7 @@ def plan(
 REPORTING_ONLY = frozenset(
     {
         "compare/report.py", "compare/stats.py", "compare/runner.py", "compare/__init__.py", "cli.py", "plots.py",
-        "bench.py", "analysis.py", "_console.py",
+        "bench.py", "analysis.py", "_console.py", "compare/ranks.py",
     }
 )
 
@@ -253,16 +253,19 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(model: str, limit: int | None, seed: int, cell: Cell, *, code: str | None = None) -> str:
+def run_key(
+    model: str, limit: int | None, seed: int, cell: Cell, *, code: str | None = None, device: str = "cpu", dtype: str = "float32"
+) -> str:
     """What a finished cell must match to be reused when resuming: the model, limit and seed, the
-    cell's full configuration (:func:`~sinkcache.compare.cell.lm_options`: every cache knob) and
-    the code that produced it (:func:`code_fingerprint`)."""
+    cell's full configuration (:func:`~sinkcache.compare.cell.lm_options`: every cache knob), where
+    it runs (``device`` kind ``cpu``/``cuda`` and ``dtype``) and the code that produced it
+    (:func:`code_fingerprint`)."""
     from .cell import lm_options
 
     blob = json.dumps(
         {
             "model": model, "limit": limit, "seed": seed, "cell": cell.to_dict(), "options": lm_options(cell),
-            "code": code if code is not None else code_fingerprint(), "v": 2,
+            "code": code if code is not None else code_fingerprint(), "device": device, "dtype": dtype, "v": 3,
         },
         sort_keys=True,
     )

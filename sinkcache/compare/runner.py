@@ -38,9 +38,10 @@ def interleave(cells: list[Cell]) -> list[Cell]:
 
 
 def load_done(
-    out_dir: Path, model: str, limit: int | None, seed: int, cells: list[Cell], code: str | None = None
+    out_dir: Path, model: str, limit: int | None, seed: int, cells: list[Cell], code: str | None = None,
+    *, device: str = "cpu", dtype: str = "float32",
 ) -> dict[str, dict[str, Any]]:
-    """Finished cell records (by cell id) that match this run: same options and same code."""
+    """Finished cell records (by cell id) that match this run: same options, device, dtype and code."""
     code = code or code_fingerprint()
     done: dict[str, dict[str, Any]] = {}
     for c in cells:
@@ -51,7 +52,7 @@ def load_done(
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("key") == run_key(model, limit, seed, c, code=code):
+        if rec.get("key") == run_key(model, limit, seed, c, code=code, device=device, dtype=dtype):
             done[c.cell_id] = rec
     return done
 
@@ -76,7 +77,11 @@ def load_cells(out_dir: Path, model: str) -> list[dict[str, Any]]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    from ..placement import DIST_ENV
+
+    # a cell runs alone: without a launch's rank variables (else lm-eval would shard it again)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return env
 
@@ -115,6 +120,8 @@ def run_sweep(
     runner: Callable[[Path, Path, Path], int] | None = None,
     on_update: Callable[[list[dict[str, Any]]], None] | None = None,
     progress: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run the cells not finished yet; returns ``{"done": [...records], "failed": [...], "skipped": n}``.
 
@@ -126,21 +133,36 @@ def run_sweep(
     make a long grid resumable in small steps.
     ``runner(spec, out, log)`` runs one process (default: ``python -m sinkcache.compare.cell``);
     ``on_update(records)`` is called after every finished cell with all records so far.
+    ``device`` (``cpu``/``cuda``) and ``dtype``: where every cell runs; both are part of the run key.
+
+    Under ``accelerate launch``/``torchrun`` (``WORLD_SIZE > 1``) each rank runs its share of the
+    jobs (:func:`.ranks.my_share`; the fork group's documents are dealt into one shard per rank
+    unless ``fork_shards`` says otherwise), on ``cuda:<local rank>`` when ``device`` is ``cuda``;
+    rank 0 then merges and reports, the other ranks return ``{"rank": r, ...}`` with nothing done.
     """
+    from ..placement import dist_ranks, rank_device
+    from . import ranks
+
+    rank, world, local_rank = dist_ranks()
+    if world > 1 and jobs > 1:
+        raise ValueError(f"jobs={jobs} under a launch of {world} ranks: the ranks are the processes; drop --jobs")
+    lead = rank == 0
     out = Path(out_dir)
     for sub in ("cells", "logs", "parts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     run = runner or _subprocess_runner
     cells = interleave(cells)
     code = code_fingerprint()
-    done = load_done(out, model, limit, seed, cells, code)
+    done = load_done(out, model, limit, seed, cells, code, device=device, dtype=dtype)
+    if world > 1:
+        ranks.barrier()  # every rank has read the finished cells before rank 0 writes any (same plan on every rank)
     todo = [c for c in cells if c.cell_id not in done]
     failed: list[dict[str, Any]] = []
     records = [done[c.cell_id] for c in cells if c.cell_id in done]
-    if on_update is not None and records:
+    if on_update is not None and records and lead:
         on_update(records)
-    base: dict[str, Any] = {"model": model, "limit": limit, "seed": seed, "code": code, "threads": 1}
-    key = {c.cell_id: run_key(model, limit, seed, c, code=code) for c in cells}
+    base: dict[str, Any] = {"model": model, "limit": limit, "seed": seed, "code": code, "threads": 1, "device": device, "dtype": dtype}
+    key = {c.cell_id: run_key(model, limit, seed, c, code=code, device=device, dtype=dtype) for c in cells}
 
     from .cell import forkable
 
@@ -148,7 +170,7 @@ def run_sweep(
     if len(group) < 2:
         group = []  # nothing to share
     job_list: list[_Job] = []
-    shards = int(fork_shards) if fork_shards is not None else max(1, int(jobs))
+    shards = int(fork_shards) if fork_shards is not None else max(1, int(world if world > 1 else jobs))
     if shards < 1:
         raise ValueError(f"fork_shards={fork_shards!r}: must be a positive integer")
     for k in range(shards if group else 0):
@@ -161,10 +183,10 @@ def run_sweep(
         spec = dict(base, cell=c.to_dict(), key=key[c.cell_id], log=str((out / "logs" / f"{c.cell_id}.peer.log").resolve()))
         job_list.append(_Job(c.cell_id, spec, out / "cells" / f"{c.cell_id}.json", [c]))
 
-    bar = tqdm(total=len(todo), desc=f"compare {model}", unit="cell", disable=not progress, dynamic_ncols=True)
-    if done and progress:
+    bar = tqdm(total=len(todo), desc=f"compare {model}", unit="cell", disable=not (progress and lead), dynamic_ncols=True)
+    if done and progress and lead:
         bar.write(f"resuming: {len(done)} of {len(cells)} cells already finished in {out / 'cells'}")
-    if group and progress:
+    if group and progress and lead:
         bar.write(f"{len(group)} in-package cells share one prefill per request, documents over {shards} process(es)")
     shard_out: dict[str, dict[str, Any]] = {}
 
@@ -193,7 +215,7 @@ def run_sweep(
                 time_s={"wall": round(member_s, 2), "note": "this cell's own compute; the shared prefill is in fork"},
                 fork={
                     "members": len(group), "shards": len(shard_recs),
-                    "jobs": max(1, int(jobs)),
+                    "jobs": max(1, int(jobs)), "ranks": world,
                     "group_wall_s": max(r["timing"]["wall_s"] for r in shard_recs),
                     "shard_wall_s": [round(r["timing"]["wall_s"], 2) for r in shard_recs],
                     "shared_prefill_s": round(sum(r["timing"]["shared_prefill_s"] for r in shard_recs), 2),
@@ -234,9 +256,10 @@ def run_sweep(
     pending: list[_Job] = []
     for job in job_list:
         if reusable_part(job):
-            if progress:
+            if progress and lead:
                 bar.write(f"{job.name}: reusing finished shard {job.out}")
-            finish(job, 0)
+            if lead:
+                finish(job, 0)
         else:
             pending.append(job)
 
@@ -245,7 +268,23 @@ def run_sweep(
         spec_path.write_text(json.dumps(job.spec, indent=1) + "\n")
         return spec_path, job.out, out / "logs" / f"{job.name}.log"
 
-    if jobs <= 1 or runner is not None:
+    if world > 1:
+        ranks.barrier()  # every rank has read the finished parts before any rank writes new ones
+        for job in ranks.my_share(pending, rank, world):
+            job.spec["device"] = rank_device(device, local_rank)
+            sp, jo, lg = spec_for(job)
+            rc = run(sp, jo, lg)
+            (out / "logs" / f"{job.name}.rc").write_text(f"{rc}\n")
+        ranks.barrier()
+        if not lead:
+            bar.close()
+            ranks.close()
+            return {"done": [], "failed": [], "skipped": len(done), "rank": rank}
+        for job in pending:
+            rc_path = out / "logs" / f"{job.name}.rc"
+            finish(job, int(rc_path.read_text()) if rc_path.exists() else 1)
+        ranks.close()
+    elif jobs <= 1 or runner is not None:
         for job in pending:
             bar.set_description(f"compare {model}: {job.name}")
             sp, jo, lg = spec_for(job)
