@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-TASK = "sinkcache_docstring_ppl"
+# Same task and per-document bits per byte as the sink ablation (this script's folder is on sys.path).
+from sink_ablation_eval import TASK, per_doc_bpb
+
 #: (name, bits, group_size, window); the first of each bit width is its baseline (the defaults).
 CONFIGS = (
     ("int4", 4, 64, 128),
@@ -34,11 +35,6 @@ CONFIGS = (
     ("int2-g128-w32", 2, 128, 32),
     ("int2-g128-w0", 2, 128, 0),
 )
-
-
-def per_doc_bpb(report: dict) -> list[float]:
-    samples = sorted(report["lm_eval"]["samples"][TASK], key=lambda s: s["doc_id"])
-    return [-float(s["bits_per_byte"][0]) / (float(s["bits_per_byte"][1]) * math.log(2)) for s in samples]
 
 
 def bytes_at(model_config, bits: int, group: int, window: int, context: int = 4096, decode: int = 16) -> dict:

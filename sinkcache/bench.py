@@ -195,22 +195,28 @@ def steady_tps(step_s: Sequence[float]) -> float:
 
 
 def _decode(model: Any, cache: Any, first: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
-    """Greedy-decode ``n`` tokens starting from ``first`` ``[1, 1]``; per-step seconds and the tokens."""
+    """Greedy-decode ``n`` tokens from ``first`` ``[B, 1]``; per-step seconds and row 0's tokens.
+
+    Each step is timed until its token is on the host (``.cpu()`` waits for a CUDA device), so the
+    clock stops when the step has really run."""
     steps, toks, tok = [], [], first
     for _ in range(n):
         t0 = time.perf_counter()
         out = model(input_ids=tok, past_key_values=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
+        row0 = int(tok[0, 0].cpu())
         steps.append(time.perf_counter() - t0)
-        toks.append(int(tok))
+        toks.append(row0)
     return steps, toks
 
 
 def _prefill(model: Any, cache: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Prefill ``ids`` ``[B, T]``; seconds (until the first tokens are on the host) and those tokens ``[B, 1]``."""
     t0 = time.perf_counter()
     # logits_to_keep=1: like generate(), do not build [context, vocab] logits nobody reads.
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1:].argmax(-1)
+    first.cpu()
     return time.perf_counter() - t0, first
 
 
@@ -406,16 +412,23 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def machine_line(meta: dict[str, Any]) -> str:
+    """The markdown line saying where and how a run was made (machine, threads, load, command, time)."""
+    m = meta["machine"]
+    return (
+        f"Machine: {m['machine']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} torch thread(s); "
+        f"load average {meta['load_before']} before, {meta['load_after']} after. "
+        f"Command: `{meta['command']}`; {meta['seconds']:.0f} s."
+    )
+
+
 def to_markdown(rows: Sequence[dict], meta: dict[str, Any]) -> str:
     """The results table (markdown), with the run's settings and machine stated above it."""
-    m = meta["machine"]
     lines = [
         f"# sinkcache bench: {meta['model']} ({meta['dtype']}, {meta.get('device', 'cpu')}), {meta['decode_tokens']} decode tokens, "
         f"{meta['reps']} reps",
         "",
-        f"Machine: {m['machine']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} torch thread(s); "
-        f"shared with other jobs: load average {meta['load_before']} before, {meta['load_after']} after. "
-        f"Command: `{meta['command']}`; {meta['seconds']:.0f} s.",
+        machine_line(meta),
         "",
         "Medians over repetitions; `x` columns are ratios to `DynamicCache` measured in the same run "
         "(decode: the baseline decoded right before each cache, A B A B). Decode tok/s and ms/token are "

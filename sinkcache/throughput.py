@@ -19,7 +19,6 @@ rows are different windows of the same held-out text, so no two sequences are id
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,17 @@ from typing import Any
 
 import torch
 
-from .bench import BASELINE, CacheSpec, built_config, built_label, kv_bytes, steady_tps
+from .bench import (
+    BASELINE,
+    CacheSpec,
+    _decode,
+    _prefill,
+    built_config,
+    built_label,
+    kv_bytes,
+    machine_line,
+    steady_tps,
+)
 
 
 @dataclass
@@ -65,18 +74,8 @@ def batch_windows(prompt_ids: torch.Tensor, batch: int, context: int) -> torch.T
 def _run(model: Any, spec: CacheSpec, ids: torch.Tensor, decode_tokens: int, tokenizer: Any) -> tuple[Any, float, list[float]]:
     """Prefill ``ids`` ``[B, T]`` into a fresh cache and decode greedily; the cache, prefill seconds, step seconds."""
     cache = spec.build(model, tokenizer)
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    tok = out.logits[:, -1:].argmax(-1)
-    tok.cpu()  # wait for the device before stopping the clock
-    prefill = time.perf_counter() - t0
-    steps = []
-    for _ in range(decode_tokens):
-        t0 = time.perf_counter()
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        tok.cpu()
-        steps.append(time.perf_counter() - t0)
+    prefill, first = _prefill(model, cache, ids)
+    steps, _ = _decode(model, cache, first, decode_tokens)
     return cache, prefill, steps
 
 
@@ -132,14 +131,11 @@ def fixed_memory_throughput(
 
 
 def to_markdown(rows: Sequence[ThroughputRow], meta: dict[str, Any]) -> str:
-    m = meta["machine"]
     lines = [
         f"# Throughput at a fixed KV budget: {meta['model']} ({meta['dtype']}, {meta['device']}), "
         f"{meta['kv_budget_mib']:g} MiB of KV, {meta['context']}-token prompts, {meta['decode_tokens']} decode tokens",
         "",
-        f"Machine: {m['machine']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} torch thread(s); "
-        f"load average {meta['load_before']} before, {meta['load_after']} after. Command: `{meta['command']}`; "
-        f"{meta['seconds']:.0f} s.",
+        machine_line(meta),
         "",
         "Per sequence: KV bytes after prompt + decode at batch 1. Batch: the largest that fits the budget "
         f"(capped at {meta['max_batch']}). tok/s: batch x steady decode steps (the first step apart) / seconds; "

@@ -105,6 +105,15 @@ def byte_tok():
 
 
 @pytest.fixture(scope="module")
+def byte_ckpt(tmp_path_factory, byte_tok):
+    """:func:`byte_model` and :func:`byte_tok` saved as a local checkpoint dir (for code that loads by path)."""
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    _build("llama", vocab_size=len(byte_tok)).save_pretrained(d)
+    byte_tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
 def byte_model(byte_tok):
     """The tiny random Llama sized for :func:`byte_tok`."""
     return _build("llama", vocab_size=len(byte_tok))

@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import _build
-from test_evals import _byte_tokenizer
 
 from sinkcache.compare.cell import run_fork_shard
 from sinkcache.compare.plan import PPL_TASK, Cell, plan
@@ -36,13 +34,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """The tiny random Llama and the byte tokenizer saved as a local checkpoint (cells load it by path)."""
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    tok = _byte_tokenizer()
-    _build("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def ckpt(byte_ckpt):
+    """The tiny random Llama and the byte tokenizer as a local checkpoint (cells load it by path)."""
+    return byte_ckpt
 
 
 def test_my_share_deals_round_robin_and_rejects_bad_ranks():

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from conftest import _build
-from test_evals import _byte_tokenizer
 
 from sinkcache import cli
 from sinkcache.compare.cell import run_cell
@@ -20,12 +19,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CU
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    tok = _byte_tokenizer()
-    _build("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def ckpt(byte_ckpt):
+    """The tiny random Llama and the byte tokenizer as a local checkpoint (cells load it by path)."""
+    return byte_ckpt
 
 
 def test_defaults_follow_the_machine():
