@@ -531,8 +531,10 @@ def bench(
         if unknown:
             raise ValueError(f"unknown cache(s) {', '.join(unknown)}; allowed: {', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name == BASELINE or s.name in caches]
+    from .placement import placement, resolve_device, resolve_dtype
+
     device = resolve_device(device)
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = resolve_dtype(dtype, device)
     before_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -554,7 +556,7 @@ def bench(
     finally:
         torch.set_num_threads(before_threads)
     param = next(model.parameters())
-    where = {"device": str(param.device), "dtype": str(param.dtype).replace("torch.", "")}  # read back from the model
+    where = placement(model)  # device, dtype and versions read back from the model that ran
     if throughput_mib is not None:
         tmeta = {
             "model": model_name, **where, "kv_budget_mib": throughput_mib, "context": contexts[0],
@@ -562,7 +564,7 @@ def bench(
             "caches": {s.name: {"label": s.label, "kind": s.kind, "options": s.options} for s in specs},
             "machine": machine_info(threads), "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": seconds,
-            "command": command or "sinkcache bench --throughput-mib", "transformers": _transformers_version(),
+            "command": command or "sinkcache bench --throughput-mib",
         }
         return {"meta": tmeta, "throughput": trows, "paths": throughput.write(trows, tmeta, out_dir)}
     dtype_bytes = param.element_size()
@@ -570,7 +572,6 @@ def bench(
     meta = {
         "model": model_name,
         **where,
-        "transformers": _transformers_version(),
         "contexts": list(contexts),
         "reps": reps,
         "decode_tokens": decode_tokens,
@@ -585,29 +586,6 @@ def bench(
     }
     paths = write_results(runs, rows, meta, out_dir)
     return {"meta": meta, "rows": rows, "paths": paths}
-
-
-def resolve_device(device: str | None) -> str:
-    """``device`` checked against what this machine has; ``None``: CUDA when available, else CPU."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device={device!r} is not a torch device; allowed: cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; allowed: cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported by the benchmark; allowed: cpu, cuda, cuda:N")
-    return str(dev)
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return str(transformers.__version__)
 
 
 def format_rows(rows: Sequence[dict]) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import prompt
 
-from sinkcache.bench import CacheSpec, kv_bytes, resolve_device
+from sinkcache.bench import CacheSpec, kv_bytes
 from sinkcache.throughput import batch_windows, fixed_memory_throughput, to_markdown, write
 
 SPECS = [
@@ -66,14 +66,15 @@ def test_bad_throughput_arguments():
         fixed_memory_throughput(None, prompt(10), SPECS, kv_budget_bytes=1, context=4, decode_tokens=1)
 
 
-def test_resolve_device():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="'tpu9' is not a torch device"):
-        resolve_device("tpu9")
+def test_bench_refuses_a_device_it_cannot_use():
+    # bench shares compare's/eval's --device check (sinkcache.placement): no silent CPU fallback
+    from sinkcache.bench import bench
+
+    with pytest.raises(ValueError, match="'tpu9'"):
+        bench("smollm2-135m", device="tpu9", out_dir="/tmp/never")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available here"):
-            resolve_device("cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            bench("smollm2-135m", device="cuda", out_dir="/tmp/never")
 
 
 def test_kv_bytes_of_a_batched_cache_scales_with_batch(tiny):
