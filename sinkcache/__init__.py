@@ -21,6 +21,7 @@ _EXPORTS = {
     "QuantizePolicy": "policies",
     "HybridPolicy": "policies",
     "make_policy": "policies",
+    "Refinement": "refine",
     "SinkSelector": "sinks",
     "NoSinks": "sinks",
     "FirstSinks": "sinks",
@@ -36,6 +37,7 @@ __all__ = [
     "QuantizePolicy",
     "HybridPolicy",
     "make_policy",
+    "Refinement",
     "SinkSelector",
     "NoSinks",
     "FirstSinks",
@@ -47,6 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .cache import SinkCache
     from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
+    from .refine import Refinement
     from .sinks import FirstSinks, NoSinks, PunctSinks, SinkSelector, punctuation_token_ids
 
 

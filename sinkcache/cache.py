@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from .context import TokenContext
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer, check_head_dim
 from .policies import EvictPolicy, FullPolicy, HybridPolicy, Policy, QuantizePolicy, make_policy
+from .refine import RecentQueries
 from .rope import Rotary
 from .scores import Scorer, default_score
 from .scores.observe import AttentionObserver
@@ -59,6 +60,9 @@ class SinkCache(Cache):
         profile: a sink profile (built-in model name, JSON path or dict written by
             ``sinkcache profile``): sinks are chosen by token id per layer/head, at no runtime cost.
             Needs ``model=`` to see token ids.
+        refine: quantize only: give the most attended share of every quantized block more bits
+            (:mod:`sinkcache.refine`): a share in (0, 1] (e.g. ``0.1``) or a
+            :class:`~sinkcache.refine.Refinement`; ``score="attention"`` (the default) needs ``model=``.
 
     Without ``model``/``config`` every layer is treated as full attention; without ``model`` the
     cache cannot see padding, so left-padded batches need ``model=``.
@@ -81,14 +85,25 @@ class SinkCache(Cache):
         tokenizer: Any = None,
         config: Any = None,
         profile: Any = None,
+        refine: Any = None,
     ) -> None:
         if score is None and policy == "evict":
             # The measured default reads attention, which needs the model's attention modules.
             score = default_score(model is not None, positions)
         self.policy = make_policy(
-            policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score
+            policy, bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score,
+            refine=refine,
         )
         self._observer: AttentionObserver | None = None
+        self._queries: RecentQueries | None = None
+        plan = getattr(self.policy, "refine", None)
+        if plan is not None and plan.needs_attention:
+            if model is None:
+                raise ValueError(
+                    "refine score='attention' ranks tokens by the attention they draw, read through the model's "
+                    "attention modules: pass model= to SinkCache (or refine=Refinement(share, score='keynorm'))"
+                )
+            self._queries = RecentQueries()
         if isinstance(self.policy, EvictPolicy) and self.policy.scorer().needs_attention:
             if model is None:
                 raise ValueError(
@@ -130,6 +145,8 @@ class SinkCache(Cache):
                 self.sink_selector.attach(model, self)
             if self._observer is not None:
                 self._observer.attach(model, self)
+            if self._queries is not None:
+                self._queries.attach(model, self)
         if self.config is not None:
             super().__init__(layers=[self._make_layer(i, t, kw) for i, (t, kw) in enumerate(_layer_types(self.config))])
         else:
@@ -188,6 +205,8 @@ class SinkCache(Cache):
             self.sink_selector.detach()
         if self._observer is not None:
             self._observer.detach()
+        if self._queries is not None:
+            self._queries.detach()
 
     def __deepcopy__(self, memo):
         # Hook handles and the model are not copied: the copy attaches its own hooks to the same model,
@@ -198,16 +217,19 @@ class SinkCache(Cache):
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            if k in ("_hook", "_model_ref", "_observer"):
+            if k in ("_hook", "_model_ref", "_observer", "_queries"):
                 continue
             setattr(new, k, copy.deepcopy(v, memo))
         new._hook, new._model_ref = None, self._model_ref
         new._observer = None if self._observer is None else AttentionObserver()
+        new._queries = None if self._queries is None else RecentQueries()
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None:
             new._attach(model)
             if new._observer is not None:
                 new._observer.attach(model, new)
+            if new._queries is not None:
+                new._queries.attach(model, new)
             if hasattr(new.sink_selector, "attach"):
                 new.sink_selector._handles = []
                 new.sink_selector.attach(model, new)
@@ -308,6 +330,9 @@ class SinkCache(Cache):
             out["scorer"] = repr(p.scorer())
         elif isinstance(p, HybridPolicy):
             out["score"] = "keynorm"  # hybrid ranks whole groups by their mean key-norm score
+        if isinstance(p, QuantizePolicy):
+            r = p.refine
+            out["refine"] = None if r is None else {"share": r.share, "bits": r.bits, "score": r.score}
         out.update(
             sinks=sel.name,
             sink_selector=type(sel).__name__,

@@ -231,6 +231,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="tokens per quantization group for quantize/hybrid (default: 64)",
     )
     g.add_argument(
+        "--refine",
+        type=_probability,
+        default=None,
+        metavar="SHARE",
+        help="quantize only: give the most attended SHARE (0-1] of each quantized block 2 more bits (default: off)",
+    )
+    g.add_argument(
         "--sinks",
         choices=SINK_MODES,
         default="first",
@@ -281,7 +288,7 @@ def _cache_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SinkCache knobs from the options; unset ones are left out (the policy's defaults apply,
     and SinkCache rejects knobs a policy does not use, e.g. --bits with evict)."""
     kw: dict[str, Any] = {"policy": args.policy, "sinks": args.sinks}
-    for name in ("n_first", "bits", "budget", "window", "group_size", "score"):
+    for name in ("n_first", "bits", "budget", "window", "group_size", "score", "refine"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
@@ -300,6 +307,11 @@ def _check_cache_options(kw: dict[str, Any]) -> None:
     probe = dict(kw)
     if probe.get("sinks") == "punct":
         probe["sinks"] = "auto"
+    if probe.get("refine") is not None:
+        # attention-ranked refinement needs the model's attention modules: check share and policy here
+        from .refine import Refinement
+
+        probe["refine"] = Refinement(probe["refine"], score="keynorm")
     if probe.get("score") is not None:
         # attention scorers need the model's attention modules: check the name and policy here
         make_policy(probe["policy"], **{k: probe[k] for k in ("bits", "budget", "window", "group_size", "score") if k in probe})
@@ -449,6 +461,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=None, help="tokens held per layer (evict/hybrid)")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept exact (policy default)")
     p.add_argument("--group-size", type=int, default=None, help="quantization group size (policy default 64)")
+    p.add_argument("--refine", type=_probability, default=None, metavar="SHARE", help="quantize only: the most attended SHARE of each quantized block gets 2 more bits (default: off)")
     p.add_argument("--sinks", default="first", choices=["auto", "first", "punct", "none"], help="sink selection")
     p.add_argument("--n-first", type=_non_negative_int, default=None, help="leading tokens that are always sinks (default: 1; not with --sinks none)")
     p.add_argument("--score", default=None, choices=SCORE_NAMES, help="evict only: eviction scorer (default tova, the measured best; keynorm needs no queries)")
@@ -476,6 +489,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sinks=args.sinks,
         n_first=args.n_first,
         score=args.score,
+        refine=args.refine,
         limit=limit,
         output=args.output,
         batch_size=args.batch_size,

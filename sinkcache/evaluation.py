@@ -72,6 +72,7 @@ __all__ = [
 #: Model arguments that configure the cache (everything else goes to ``HFLM``).
 CACHE_ARG_NAMES = (
     "policy", "bits", "budget", "window", "group_size", "sinks", "n_first", "max_sinks", "positions", "score", "profile",
+    "refine",
 )
 
 #: Environment variable naming the offline task folder (default: ``evals/tasks`` of this checkout).
@@ -139,6 +140,20 @@ def _opt_int(name: str, value: Any) -> int | None:
     return as_int
 
 
+def _opt_share(name: str, value: Any) -> float | None:
+    """A refinement share: ``None``/"none"/"0" -> ``None`` (off); else a number (range checked by the policy)."""
+    value = _none(value)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]") from None
+    return None if as_float == 0 else as_float
+
+
 def cache_options(
     *,
     policy: Any = "full",
@@ -152,6 +167,7 @@ def cache_options(
     positions: Any = None,
     score: Any = None,
     profile: Any = None,
+    refine: Any = None,
 ) -> dict[str, Any]:
     """Translate lm-eval model arguments (strings, or what lm-eval's parser made of them) into
     ``SinkCache`` keyword arguments, raising on anything that would not mean what it says.
@@ -195,6 +211,7 @@ def cache_options(
         "positions": None if pos is None else str(pos),
         "score": None if sc is None else str(sc).strip().lower(),
         "profile": profile,
+        "refine": _opt_share("refine", refine),
     }
 
 
@@ -212,6 +229,11 @@ def _check_cache_kwargs(kw: dict[str, Any]) -> None:
         # Re-rotation needs the model's RoPE; the value itself is checked by make_policy here.
         make_policy(probe["policy"], **{k: probe.get(k) for k in ("bits", "budget", "window", "group_size", "positions", "score")})
         probe["positions"] = None
+    if probe.get("refine") is not None:
+        # Attention-ranked refinement needs the model's attention modules; share and policy are checked here.
+        from .refine import Refinement
+
+        probe["refine"] = Refinement(probe["refine"], score="keynorm")
     if probe.get("score") not in (None, "keynorm"):
         # Attention scorers need the model's attention modules; the name and the policy are checked here.
         make_policy(probe["policy"], **{k: probe.get(k) for k in ("bits", "budget", "window", "group_size", "positions", "score")})
@@ -343,8 +365,8 @@ class SinkCacheLM(HFLM):
         pretrained: a sinkcache alias (``smollm2-135m``), a GGUF file, a local checkpoint dir or a
             Hub id (all resolved by :func:`sinkcache.models.load_model`), or a loaded model object
             (then pass ``tokenizer=`` too).
-        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, score, profile:
-            the cache (see :class:`~sinkcache.SinkCache`). ``policy="full"`` keeps everything and
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, score, profile, refine:
+            the cache (see :class:`~sinkcache.SinkCache`; ``refine`` is a share, attention-ranked). ``policy="full"`` keeps everything and
             is the reference (built with ``sinks="none"``: nothing is compressed, so no sink can
             matter). ``sinks=None`` means ``"none"``: lm-eval turns the model argument
             ``sinks=none`` into ``None`` before it reaches this class.
@@ -378,6 +400,7 @@ class SinkCacheLM(HFLM):
         positions: str | None = None,
         score: str | None = None,
         profile: Any = None,
+        refine: float | None = None,
         chunk_size: int = 128,
         dtype: str | torch.dtype = "float32",
         attn_implementation: str | None = None,
@@ -389,7 +412,7 @@ class SinkCacheLM(HFLM):
     ) -> None:
         cache_kwargs = cache_options(
             policy=policy, bits=bits, budget=budget, window=window, group_size=group_size, sinks=sinks,
-            n_first=n_first, max_sinks=max_sinks, positions=positions, score=score, profile=profile,
+            n_first=n_first, max_sinks=max_sinks, positions=positions, score=score, profile=profile, refine=refine,
         )
         _check_hflm_kwargs(kwargs)
         _check_cache_kwargs(cache_kwargs)  # bad knobs fail before the (slow) model load
@@ -486,7 +509,7 @@ class SinkCacheLM(HFLM):
         kw = self.cache_kwargs
         return make_policy(
             kw["policy"], bits=kw["bits"], budget=kw["budget"], window=kw["window"], group_size=kw["group_size"],
-            positions=kw["positions"], score=kw["score"],
+            positions=kw["positions"], score=kw["score"], refine=kw.get("refine"),
         )
 
     def _record(self, cache: Any, rows: int, kind: str) -> None:
@@ -923,6 +946,7 @@ def run_eval(
     positions: str | None = None,
     score: str | None = None,
     profile: Any = None,
+    refine: float | None = None,
     limit: int | float | None = None,
     output: str | Path | None = None,
     batch_size: int = 1,
@@ -949,7 +973,7 @@ def run_eval(
         tasks: task or group names, e.g. ``["sinkcache_suite"]`` (the offline suite) or Hub tasks
             such as ``["gsm8k", "arc_challenge"]`` (those need Hub access). A comma-separated string
             works too.
-        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, score, profile:
+        policy, bits, budget, window, group_size, sinks, n_first, max_sinks, positions, score, profile, refine:
             the cache (as for :class:`SinkCacheLM`; ``sinks="none"`` means no sinks).
         limit: documents per task (an int) or a fraction (< 1); ``None`` = all.
         output: write the report here as JSON (parent folders are created).
@@ -1025,6 +1049,7 @@ def run_eval(
         "positions": positions,
         "score": score,
         "profile": profile,
+        "refine": refine,
     }
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
@@ -1051,7 +1076,8 @@ def run_eval(
         bad = [q for q in policies if q not in POLICY_KNOBS]
         if bad:
             raise ValueError(f"policies {bad} are unknown; allowed: {', '.join(POLICY_KNOBS)}")
-        shared = {k: v for k, v in cache_args.items() if k not in ("policy", "bits", "budget", "window", "group_size", "positions", "score")}
+        own = ("policy", "bits", "budget", "window", "group_size", "positions", "score", "refine")
+        shared = {k: v for k, v in cache_args.items() if k not in own}
         members = {
             q: SinkCacheLM(
                 pretrained=lm.model, tokenizer=lm.tokenizer, chunk_size=chunk_size, device=str(lm.device), batch_size=batch_size,

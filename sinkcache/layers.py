@@ -32,8 +32,12 @@ from .quant import (
     dequantize_keys,
     dequantize_values,
     quantize_keys,
+    quantize_residual,
     quantize_values,
+    residual_delta,
+    unpack,
 )
+from .refine import OBS_QUERIES
 from .rope import Rotary
 from .sinks import SinkSelector
 
@@ -391,7 +395,10 @@ class QuantizedLayer(CompressingLayer):
         ``[B, H, Tb/G, D]``, value scale/zero ``[B, H, Tb, D/Gv]``, group ids ``gid`` ``[B, H, Tb/G]``
         (column // G; groups are evicted per (row, head) under ``hybrid``) and group scores;
       * sinks: ``sink_k``/``sink_v`` ``[B, H, S, D]`` model dtype, ``sink_col`` ``[B, H, S]`` (-1 = empty);
-      * window: ``win_k``/``win_v`` ``[B, H, W', D]``, columns ``win_start .. seen-1``.
+      * window: ``win_k``/``win_v`` ``[B, H, W', D]``, columns ``win_start .. seen-1``;
+      * refinement (``policy.refine``, :mod:`sinkcache.refine`): ``rk_codes``/``rv_codes``
+        ``[B, H, R, D*rbits/8]`` uint8 residual codes of the refined tokens, at columns ``r_col``
+        ``[B, H, R]`` (quantize never evicts, so a column is its body slot).
 
     A sink keeps its slot (and its unused codes) in the body; when the body is dequantized the
     sink's exact key/value is written over that slot, so attention sees it at full precision and
@@ -400,7 +407,7 @@ class QuantizedLayer(CompressingLayer):
 
     _batched = (
         "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "gid", "gscore",
-        "sink_k", "sink_v", "sink_col", "sink_slot", "win_k", "win_v",
+        "sink_k", "sink_v", "sink_col", "sink_slot", "win_k", "win_v", "rk_codes", "rv_codes", "r_col",
     )
     k_codes: torch.Tensor
     k_scale: torch.Tensor
@@ -416,6 +423,9 @@ class QuantizedLayer(CompressingLayer):
     sink_slot: torch.Tensor
     win_k: torch.Tensor
     win_v: torch.Tensor
+    rk_codes: torch.Tensor
+    rv_codes: torch.Tensor
+    r_col: torch.Tensor
 
     def __init__(
         self, policy: QuantizePolicy, sinks: SinkSelector, ctx: TokenContext, layer_idx: int = -1
@@ -427,6 +437,11 @@ class QuantizedLayer(CompressingLayer):
         self.capacity: int | None = policy.body_capacity() if isinstance(policy, HybridPolicy) else None
         self.win_start = 0
         self.vgroup = self.group
+        self.refine = policy.refine
+        # Post-RoPE queries of the last OBS_QUERIES positions ([B, Hq, w, D] float32), kept by
+        # sinkcache.refine.RecentQueries while a flush is near; working memory, not cache bytes.
+        self.q_ring: torch.Tensor | None = None
+        self.q_scaling = 1.0
         for name in self._batched:
             setattr(self, name, _EMPTY)
 
@@ -449,11 +464,36 @@ class QuantizedLayer(CompressingLayer):
         self.sink_slot = torch.empty(b, h, 0, dtype=torch.long, device=dev)
         self.win_k = torch.empty(b, h, 0, d, dtype=dt, device=dev)
         self.win_v = torch.empty(b, h, 0, d, dtype=dt, device=dev)
+        rb = self.refine.bits if self.refine is not None else 8
+        self.rk_codes = torch.empty(b, h, 0, d * rb // 8, dtype=torch.uint8, device=dev)
+        self.rv_codes = torch.empty(b, h, 0, d * rb // 8, dtype=torch.uint8, device=dev)
+        self.r_col = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
         self.win_start = 0
+        self.q_ring = None
 
     def reset(self) -> None:
         super().reset()
         self.win_start = 0
+        self.q_ring = None
+
+    def _map_batched(self, fn) -> None:
+        super()._map_batched(fn)
+        if self.q_ring is not None:
+            self.q_ring = fn(self.q_ring)
+
+    # ---- queries for refinement (fed by sinkcache.refine.RecentQueries) ------------------------
+    def wants_queries(self) -> bool:
+        """True when this layer ranks blocks by attention and its next flush is within
+        ``OBS_QUERIES`` positions (so only those queries are ever projected and kept)."""
+        if self.refine is None or not self.refine.needs_attention or not self.is_initialized:
+            return False
+        return self.win_k.shape[2] + OBS_QUERIES >= self.policy.window + self.group
+
+    def push_queries(self, q: torch.Tensor, scaling: float) -> None:
+        """Keep the newest ``OBS_QUERIES`` of this forward's queries ``q`` ``[B, Hq, w, D]`` (its last positions)."""
+        ring = q if self.q_ring is None or self.q_ring.shape[0] != q.shape[0] else torch.cat([self.q_ring, q], dim=2)
+        self.q_ring = ring[:, :, -OBS_QUERIES:]
+        self.q_scaling = scaling
 
     # ---- sizes --------------------------------------------------------------------------------
     def body_len(self) -> int:
@@ -516,11 +556,25 @@ class QuantizedLayer(CompressingLayer):
         dequantize_values(QuantizedValues(self.v_codes, self.v_scale, self.v_zero), self.bits, self.vgroup, out_v[:, :, 1 : 1 + tb])
         out_k[:, :, 1 + tb :] = self.win_k
         out_v[:, :, 1 + tb :] = self.win_v
+        if self.r_col.shape[2]:
+            self._apply_refinement(out_k, out_v)
         if self.sink_k.shape[2]:
             idx = self.sink_slot.unsqueeze(-1).expand(-1, -1, -1, d)
             out_k.scatter_(2, idx, self.sink_k)
             out_v.scatter_(2, idx, self.sink_v)
         return out_k[:, :, 1:], out_v[:, :, 1:]
+
+    def _apply_refinement(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Add the refined tokens' residuals to their dequantized slots (R tokens, not the body)."""
+        assert self.refine is not None
+        d = out_k.shape[-1]
+        col = self.r_col.long()
+        # A key's base step is its group's per-channel scale; a value's, its token's channel-group scale.
+        ks = _take(self.k_scale, torch.div(col, self.group, rounding_mode="floor"))
+        vs = _take(self.v_scale, col).repeat_interleave(self.vgroup, dim=-1)
+        idx = (col + 1).unsqueeze(-1).expand(-1, -1, -1, d)
+        out_k.scatter_add_(2, idx, residual_delta(self.rk_codes, ks, self.refine.bits))
+        out_v.scatter_add_(2, idx, residual_delta(self.rv_codes, vs, self.refine.bits))
 
     # ---- leaving the window -------------------------------------------------------------------
     def _flush(self) -> None:
@@ -545,12 +599,67 @@ class QuantizedLayer(CompressingLayer):
         sc = (-ck.float().norm(dim=-1)).masked_fill(exclude, 0.0).view(b, h, ng, self.group).sum(-1)
         cnt = (~exclude).expand(b, h, n).reshape(b, h, ng, self.group).sum(-1).clamp_min(1)
         self.gscore = torch.cat([self.gscore, sc / cnt], dim=2)
+        if self.refine is not None:
+            self._refine_block(ck, cv, cols, exclude, qk, qv)
         self._add_sinks(marks, ck, cv, cols)
         self.win_k, self.win_v = self.win_k[:, :, n:], self.win_v[:, :, n:]
         self.win_start += n
         if self.capacity is not None and self.body_len() > self.capacity:
             self._evict_groups()
         self._locate_sinks()
+
+    def _refine_block(
+        self, ck: torch.Tensor, cv: torch.Tensor, cols: torch.Tensor, exclude: torch.Tensor,
+        qk: QuantizedKeys, qv: QuantizedValues,
+    ) -> None:
+        """Store refinement codes for the most attended ``refine.share`` of the block being flushed
+        (``ck``/``cv`` ``[B, H, n, D]`` exact, ``qk``/``qv`` its new codes); sinks and pads never."""
+        assert self.refine is not None
+        b, h, n, d = ck.shape
+        k = self.refine.count(n)
+        if k == 0:
+            return
+        score = self._block_salience(ck, n).masked_fill(exclude.expand(b, h, n), float("-inf"))
+        top = score.topk(k, dim=-1).indices.sort(dim=-1).values  # [B, H, k], column order
+        sk, sv = _take(ck, top), _take(cv, top)
+        grp = torch.div(top, self.group, rounding_mode="floor")
+        k_scale, k_zero = _take(qk.scale, grp), _take(qk.zero, grp)  # [B, H, k, D]
+        v_scale, v_zero = _take(qv.scale, top), _take(qv.zero, top)  # [B, H, k, D/Gv]
+        base_k = torch.addcmul(k_zero.float(), unpack(_take(qk.codes, top), self.bits).float(), k_scale.float())
+        vsz = v_scale.repeat_interleave(self.vgroup, dim=-1)
+        vz = v_zero.repeat_interleave(self.vgroup, dim=-1)
+        base_v = torch.addcmul(vz.float(), unpack(_take(qv.codes, top), self.bits).float(), vsz.float())
+        # The base approximation in the model dtype, as _materialize will rebuild it.
+        base_k, base_v = base_k.to(ck.dtype), base_v.to(cv.dtype)
+        rb = self.refine.bits
+        self.rk_codes = torch.cat([self.rk_codes, quantize_residual(sk, base_k, k_scale, rb)], dim=2)
+        self.rv_codes = torch.cat([self.rv_codes, quantize_residual(sv, base_v, vsz, rb)], dim=2)
+        self.r_col = torch.cat([self.r_col, cols[top].to(torch.int32)], dim=2)
+        self.q_ring = None
+
+    def _block_salience(self, ck: torch.Tensor, n: int) -> torch.Tensor:
+        """``[B, H, n]`` float32: how much attention each token of the block being flushed draws.
+
+        ``"attention"``: the last queries' softmax over every held key (the body as attention will
+        see it, sinks exact), summed over the queries and averaged over each kv group's query heads.
+        Without kept queries (no model hooks ran) it falls back to ``"keynorm"``."""
+        assert self.refine is not None
+        ring = self.q_ring
+        if self.refine.score == "keynorm" or ring is None or ring.shape[0] != ck.shape[0]:
+            return -ck.float().norm(dim=-1)
+        from .scores.observe import attention_received
+
+        keys, _ = self._materialize()  # body + window, before this flush: the keys the queries saw
+        b, h, t, _ = keys.shape
+        tb = t - self.win_k.shape[2]
+        body_cols = (self.gid.long().unsqueeze(-1) * self.group + torch.arange(self.group, device=keys.device)).flatten(2)
+        win_cols = torch.arange(self.win_start, self.seen, device=keys.device).view(1, 1, -1).expand(b, h, -1)
+        key_pos = torch.cat([body_cols, win_cols], dim=2)
+        w = ring.shape[2]
+        q_cols = torch.arange(self.seen - w, self.seen, device=keys.device)
+        pad = self.ctx.pad_counts(b, keys.device)
+        attn, _ = attention_received(ring, keys, key_pos, q_cols, pad, self.q_scaling, newest=True)
+        return attn[:, :, tb : tb + n]
 
     def _add_sinks(self, marks: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, cols: torch.Tensor) -> None:
         m = int(marks.sum(-1).max())
@@ -628,3 +737,4 @@ class QuantizedLayer(CompressingLayer):
             )
         self.win_k, self.win_v = self.win_k[:, :, :-n], self.win_v[:, :, :-n]
         self.seen -= n
+        self.q_ring = None  # its positions no longer end at `seen`

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .quant import check_bits
+from .refine import Refinement, make_refinement
 from .scores import Scorer, make_scorer
 
 POLICY_NAMES = ("full", "evict", "quantize", "hybrid")
@@ -97,17 +98,25 @@ class QuantizePolicy(Policy):
     """KIVI-style quantization; the newest ``window``..``window + group_size - 1`` tokens stay exact.
 
     Tokens are quantized once, ``group_size`` at a time, when they leave the window.
+    ``refine`` (a :class:`~sinkcache.refine.Refinement`, or its share as a number) gives the most
+    attended share of each quantized block more bits (:mod:`sinkcache.refine`); ``None``: none.
     """
 
     bits: int = 4
     window: int = 128
     group_size: int = 64
+    refine: Any = None
     name = "quantize"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_int("window", self.window, 0)
         _check_int("group_size", self.group_size, 1)
+        object.__setattr__(self, "refine", make_refinement(self.refine))
+        if self.refine is not None and self.bits + self.refine.bits > 8:
+            raise ValueError(
+                f"bits={self.bits} + refine bits={self.refine.bits} exceeds 8; allowed: bits + refine bits <= 8"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,8 @@ class HybridPolicy(QuantizePolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("budget", self.budget, 1)
+        if self.refine is not None:
+            raise ValueError("refine= is supported with policy='quantize' only (hybrid evicts the groups it would refine)")
         if self.window > self.budget:
             raise ValueError(f"window={self.window} exceeds budget={self.budget}; allowed: window <= budget")
         if self.body_capacity() < self.group_size:
@@ -144,7 +155,7 @@ class HybridPolicy(QuantizePolicy):
 POLICY_KNOBS: dict[str, tuple[str, ...]] = {
     "full": (),
     "evict": ("budget", "window", "positions", "score"),
-    "quantize": ("bits", "window", "group_size"),
+    "quantize": ("bits", "window", "group_size", "refine"),
     "hybrid": ("bits", "budget", "window", "group_size"),
 }
 
@@ -158,10 +169,13 @@ def make_policy(
     group_size: int | None = None,
     positions: str | None = None,
     score: str | Scorer | None = None,
+    refine: float | Refinement | None = None,
 ) -> Policy:
     """Build a policy from its name and knobs; knobs a policy does not use must be left unset."""
     if isinstance(policy, Policy):
-        loose = dict(bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score)
+        loose = dict(
+            bits=bits, budget=budget, window=window, group_size=group_size, positions=positions, score=score, refine=refine
+        )
         given = {k: v for k, v in loose.items() if v is not None}
         if given:
             raise ValueError(f"pass knobs inside the policy object, not alongside it: {sorted(given)}")
@@ -170,6 +184,7 @@ def make_policy(
         raise ValueError(f"policy={policy!r} is unknown; allowed: {', '.join(POLICY_NAMES)}")
     knobs = {
         "bits": bits, "budget": budget, "window": window, "group_size": group_size, "positions": positions, "score": score,
+        "refine": refine,
     }
     used = POLICY_KNOBS[policy]
     unused = sorted(k for k, v in knobs.items() if v is not None and k not in used)

@@ -187,3 +187,25 @@ def dequantize_values(q: QuantizedValues, bits: int, group_size: int, out: torch
     else:
         torch.addcmul(zero, codes, scale, out=o)
     return out
+
+
+def quantize_residual(x: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Refinement codes for ``x`` ``[..., D]`` given its dequantized ``approx`` and per-element base
+    ``scale`` (the base grid's step, broadcast to ``[..., D]``); returns packed ``uint8`` ``[..., D*bits/8]``.
+
+    Rounding to the base grid leaves a residual within half a step, ``[-s/2, s/2]``. That interval
+    is cut into ``2**bits`` equal cells and the code is the cell, reconstructed at its centre, so a
+    token refined with ``bits`` more bits has the error of a ``base + bits`` grid without storing
+    another scale or zero point (the base group's are reused).
+    """
+    cells = 1 << bits
+    r = ((x.float() - approx.float()) / scale.float() + 0.5) * cells - 0.5
+    return pack(r.round_().clamp_(0, cells - 1), bits)
+
+
+def residual_delta(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """What refinement ``codes`` (packed, ``[..., D*bits/8]``) add to the base dequantization:
+    ``scale * ((code + 0.5) / 2**bits - 0.5)``, in ``scale``'s dtype, ``[..., D]``."""
+    cells = 1 << bits
+    c = unpack(codes, bits).to(scale.dtype)
+    return c.add_(0.5).div_(cells).sub_(0.5).mul_(scale)

@@ -138,6 +138,33 @@ def test_cache_options_translation():
         cache_options(sinks="auto", profile="p.json")
 
 
+def test_refine_translation_through_lm_eval_and_cli(ckpt, model, tok):
+    from sinkcache.cli import _cache_kwargs, build_parser
+    from sinkcache.refine import Refinement
+
+    assert cache_options(refine=None)["refine"] is None
+    assert cache_options(refine="0")["refine"] is None  # off, as 0 means everywhere else
+    assert cache_options(refine="0.1")["refine"] == 0.1
+    with pytest.raises(ValueError, match="refine='lots' must be a number"):
+        cache_options(refine="lots")
+    with pytest.raises(ValueError, match="refine share=1.5"):
+        _lm(model, tok, policy="quantize", bits=2, refine=1.5)
+    with pytest.raises(ValueError, match="does not use refine"):
+        _lm(model, tok, policy="evict", budget=64, refine=0.1)
+    lm = SinkCacheLM.create_from_arg_string(f"pretrained={ckpt},policy=quantize,bits=2,refine=0.1", {"device": "cpu"})
+    cache = lm.make_cache()
+    try:
+        assert cache.policy.refine == Refinement(0.1, bits=2, score="attention")
+        assert cache._queries is not None  # attention-ranked: the query hooks are attached
+    finally:
+        cache.detach()
+    assert lm.built_cache["refine"] == {"share": 0.1, "bits": 2, "score": "attention"}
+    args = build_parser().parse_args(["generate", "m", "hi", "--policy", "quantize", "--bits", "2", "--refine", "0.25"])
+    assert _cache_kwargs(args)["refine"] == 0.25
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "m", "hi", "--refine", "2"])
+
+
 def test_merge_configs_shows_per_request_ranges():
     m = merge_configs([{"policy": "evict", "budget": 10}, {"policy": "evict", "budget": 30}])
     assert m["policy"] == "evict" and m["budget"] == {"min": 10, "max": 30, "mean": 20, "n": 2}
