@@ -146,6 +146,11 @@ def run_config(model, tokenizer, texts: torch.Tensor, name: str, args) -> dict:
         if built is None and hasattr(cache, "describe"):
             built = cache.describe()
             built["sinks_per_layer"] = cache.stats()["sinks_per_layer"]
+            # How refined tokens were really ranked: the random control swaps the layers' class.
+            ranked = {type(layer).__name__ for layer in cache.layers}
+            built["refine_ranking"] = (
+                "random" if "RandomRefineLayer" in ranked else (built["refine"] or {}).get("score")
+            )
     return {
         "config": name,
         "built": built,
@@ -194,7 +199,8 @@ def summarize(results: dict[str, dict], args) -> str:
         b = v["built"] or {}
         desc = "-" if not b else f"{b.get('sinks')}, {b.get('window')}, {b.get('refine') and b['refine']['share']}"
         if b.get("refine"):
-            desc += f" {b['refine']['score']}"
+            ranking = b.get("refine_ranking") or ("random" if k.endswith("-random") else b["refine"]["score"])
+            desc += f" {ranking}"
         ppl = math.exp(float(t[k].mean()))
         gap = "-"
         if have_gap and k not in ("none", "full"):

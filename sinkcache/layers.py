@@ -442,6 +442,8 @@ class QuantizedLayer(CompressingLayer):
         # sinkcache.refine.RecentQueries while a flush is near; working memory, not cache bytes.
         self.q_ring: torch.Tensor | None = None
         self.q_scaling = 1.0
+        # (key group, output slot) of each refined token, derived from r_col; rebuilt when it changes.
+        self._r_index: tuple[torch.Tensor, torch.Tensor] | None = None
         for name in self._batched:
             setattr(self, name, _EMPTY)
 
@@ -470,14 +472,17 @@ class QuantizedLayer(CompressingLayer):
         self.r_col = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
         self.win_start = 0
         self.q_ring = None
+        self._r_index = None
 
     def reset(self) -> None:
         super().reset()
         self.win_start = 0
         self.q_ring = None
+        self._r_index = None
 
     def _map_batched(self, fn) -> None:
         super()._map_batched(fn)
+        self._r_index = None
         if self.q_ring is not None:
             self.q_ring = fn(self.q_ring)
 
@@ -568,11 +573,14 @@ class QuantizedLayer(CompressingLayer):
         """Add the refined tokens' residuals to their dequantized slots (R tokens, not the body)."""
         assert self.refine is not None
         d = out_k.shape[-1]
-        col = self.r_col.long()
+        if self._r_index is None:
+            col = self.r_col.long()
+            self._r_index = (torch.div(col, self.group, rounding_mode="floor"), col + 1)
+        grp, slot = self._r_index
         # A key's base step is its group's per-channel scale; a value's, its token's channel-group scale.
-        ks = _take(self.k_scale, torch.div(col, self.group, rounding_mode="floor"))
-        vs = _take(self.v_scale, col).repeat_interleave(self.vgroup, dim=-1)
-        idx = (col + 1).unsqueeze(-1).expand(-1, -1, -1, d)
+        ks = _take(self.k_scale, grp)
+        vs = _take(self.v_scale, slot - 1).repeat_interleave(self.vgroup, dim=-1)
+        idx = slot.unsqueeze(-1).expand(-1, -1, -1, d)
         out_k.scatter_add_(2, idx, residual_delta(self.rk_codes, ks, self.refine.bits))
         out_v.scatter_add_(2, idx, residual_delta(self.rv_codes, vs, self.refine.bits))
 
@@ -635,6 +643,7 @@ class QuantizedLayer(CompressingLayer):
         self.rk_codes = torch.cat([self.rk_codes, quantize_residual(sk, base_k, k_scale, rb)], dim=2)
         self.rv_codes = torch.cat([self.rv_codes, quantize_residual(sv, base_v, vsz, rb)], dim=2)
         self.r_col = torch.cat([self.r_col, cols[top].to(torch.int32)], dim=2)
+        self._r_index = None
         self.q_ring = None
 
     def _block_salience(self, ck: torch.Tensor, n: int) -> torch.Tensor:

@@ -54,6 +54,8 @@ def test_run_config_on_a_toy_model_reads_back_what_ran(ev, tiny):
     assert runs["none"]["built"]["sinks"] == "none" and runs["none"]["built"]["refine"] is None
     assert runs["first-r0.25"]["built"]["refine"] == {"share": 0.25, "bits": 2, "score": "attention"}
     assert runs["first-r0.25-random"]["built"]["refine"]["score"] == "keynorm"  # re-ranked at random by the script
+    assert runs["first-r0.25-random"]["built"]["refine_ranking"] == "random"
+    assert runs["first-r0.25"]["built"]["refine_ranking"] == "attention"
     # Equal refinement share: equal bytes; both hold more than no-sink KIVI and less than full.
     r, rr, n, f = (runs[c]["bytes_per_row"] for c in ("first-r0.25", "first-r0.25-random", "none", "full"))
     assert r == rr and n < r < f
