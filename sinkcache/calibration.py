@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -73,9 +74,15 @@ def _members(obj: Any, prefix: str, depth: int) -> Iterator[tuple[str, Any]]:
             yield from _members(member, f"{prefix}.{name}", 1)
 
 
+#: A default value's repr can carry its memory address (``<object object at 0x7f...>``), which
+#: differs in every process; it is dropped so the text (and every chunk cut from it) is the same
+#: in every run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _signature(obj: Any) -> str:
     try:
-        return str(inspect.signature(obj))
+        return _ADDRESS.sub("", str(inspect.signature(obj)))
     except (TypeError, ValueError):
         return ""
 

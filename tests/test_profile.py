@@ -58,6 +58,21 @@ def test_documents_are_deterministic_text():
     assert SPLITS == ("calibration", "heldout")
 
 
+def test_documents_are_the_same_in_every_process():
+    """Default values whose repr holds a memory address (``<object object at 0x7f...>``) made ~5
+    modules' text, and so every chunk after them, differ between runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, json; from sinkcache.calibration import documents; "
+        "print(hashlib.md5(json.dumps([documents('heldout'), documents('calibration')]).encode()).hexdigest())"
+    )
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(runs) == 1, runs
+    assert not any(" at 0x" in d for _, d in documents("heldout") + documents("calibration"))
+
+
 def test_token_chunks_lengths_and_bos():
     plain = token_chunks(CharTokenizer(), "calibration", 256, n=3)
     assert len(plain) == 3 and all(len(c) == 256 for c in plain)
