@@ -29,6 +29,7 @@ import torch
 
 from .attention import CacheHooks, attention_modules, project_q
 from .quant import check_bits
+from .scores.observe import _catch_q, caught_query
 
 #: Queries whose attention ranks a block at its flush (the last positions before it).
 OBS_QUERIES = 32
@@ -77,8 +78,6 @@ class RecentQueries(CacheHooks):
     def attach(self, model: Any, cache: Any) -> None:
         super().attach(model, cache)
         # A decode step's projected query, caught from q_proj so it is not projected twice.
-        from .scores.observe import _catch_q
-
         for _, module in attention_modules(model):
             self._handles.append(module.q_proj.register_forward_hook(_catch_q))
 
@@ -92,11 +91,5 @@ class RecentQueries(CacheHooks):
                 f"refine score='attention' needs the attention module's hidden_states and position_embeddings; "
                 f"{type(module).__name__} does not pass them (use refine score='keynorm')"
             )
-        from .scores.observe import _CAUGHT_Q
-
-        q_len = hs.shape[1]
-        w = min(OBS_QUERIES, q_len)
-        caught = getattr(module.q_proj, _CAUGHT_Q, None) if q_len == 1 else None
-        if caught is not None and caught.shape[0] != hs.shape[0]:
-            caught = None
-        layer.push_queries(project_q(module, hs, pe[0], pe[1], w, projected=caught), float(module.scaling))
+        w = min(OBS_QUERIES, hs.shape[1])
+        layer.push_queries(project_q(module, hs, pe[0], pe[1], w, projected=caught_query(module, hs)), float(module.scaling))

@@ -113,15 +113,18 @@ class AttentionObserver(CacheHooks):
         observe_layer(layer, module, hs, pe[0], pe[1], cache.ctx)
 
 
+def caught_query(module: Any, hs: torch.Tensor) -> torch.Tensor | None:
+    """This one-token forward's projected query, when the ``q_proj`` hook caught it for this batch."""
+    caught = getattr(module.q_proj, _CAUGHT_Q, None) if hs.shape[1] == 1 else None
+    return None if caught is None or caught.shape[0] != hs.shape[0] else caught
+
+
 def observe_layer(layer: Any, module: Any, hs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> None:
     """Measure one forward of ``layer`` (an evicting layer holding this forward's tokens) and update
     its scores. ``hs`` ``[B, q, hidden]`` is the attention module's input."""
     q_len = hs.shape[1]
     w = q_len if layer.scorer.queries is None else min(layer.scorer.queries, q_len)
-    caught = getattr(module.q_proj, _CAUGHT_Q, None) if q_len == 1 else None
-    if caught is not None and caught.shape[0] != hs.shape[0]:
-        caught = None
-    q = project_q(module, hs, cos, sin, w, projected=caught)
+    q = project_q(module, hs, cos, sin, w, projected=caught_query(module, hs))
     q_cols = torch.arange(layer.seen - w, layer.seen, device=hs.device)
     pad = ctx.pad_counts(hs.shape[0], hs.device)
     attn, nq = attention_received(q, layer.keys, layer.pos, q_cols, pad, module.scaling, newest=True)
