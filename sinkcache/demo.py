@@ -180,8 +180,8 @@ def _shared_prefill(model: Any, enc: Any, caches: Sequence[Any]) -> Any:
     what each would have computed itself, so only the quanto rows prefill again."""
     from .fork import SharedPrefill, fresh_detector, prefill_needs
 
-    detector, queries = prefill_needs(caches)
-    shared = SharedPrefill(model, detector=fresh_detector(detector), score_queries=queries)
+    detector, queries, refine_queries = prefill_needs(caches)
+    shared = SharedPrefill(model, detector=fresh_detector(detector), score_queries=queries, refine_queries=refine_queries)
     _prefill(model, enc, shared.cache)
     return shared
 

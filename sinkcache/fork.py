@@ -25,6 +25,7 @@ from .attention import CacheHooks, project_q
 from .cache import SinkCache
 from .layers import CompressingLayer, EvictingLayer, QuantizedLayer
 from .policies import QuantizePolicy
+from .refine import OBS_QUERIES
 from .scores.observe import attention_received
 from .sinks import NoSinks
 from .sinks.auto import AutoSinks
@@ -41,14 +42,16 @@ def detector_config(sel: Any) -> tuple | None:
     return (sel.n_first, sel.threshold, sel.obs_window, sel.context, sel.bank_size, sel.min_ratio, punct)
 
 
-def prefill_needs(caches: Iterable[Any], names: Iterable[str] | None = None) -> tuple[AutoSinks | None, tuple]:
+def prefill_needs(caches: Iterable[Any], names: Iterable[str] | None = None) -> tuple[AutoSinks | None, tuple, bool]:
     """What one recorded forward must measure to serve ``caches``: a template of their common
-    ``sinks="auto"`` detector (``None`` if none uses it) and the query counts their attention scorers
-    read at prefill. Raises if two detectors are configured differently (they cannot share)."""
+    ``sinks="auto"`` detector (``None`` if none uses it), the query counts their attention scorers
+    read at prefill, and whether any ranks refinement by attention (it needs the prompt's last
+    queries). Raises if two detectors are configured differently (they cannot share)."""
     caches = list(caches)
     labels = list(names) if names is not None else [str(i) for i in range(len(caches))]
     found: dict[tuple, tuple[str, AutoSinks]] = {}
     queries: dict[int | None, None] = {}
+    refine_queries = False
     for label, c in zip(labels, caches, strict=True):
         cfg = detector_config(c.sink_selector)
         if cfg is not None:
@@ -56,9 +59,11 @@ def prefill_needs(caches: Iterable[Any], names: Iterable[str] | None = None) -> 
         scorer = c.policy.scorer() if hasattr(c.policy, "scorer") else None
         if scorer is not None and scorer.needs_attention:
             queries[scorer.queries] = None
+        plan = getattr(c.policy, "refine", None)
+        refine_queries = refine_queries or (plan is not None and plan.needs_attention)
     if len(found) > 1:
         raise ValueError(f"members' sink detectors differ ({', '.join(n for n, _ in found.values())}); they cannot share a prefill")
-    return (next(iter(found.values()))[1] if found else None), tuple(queries)
+    return (next(iter(found.values()))[1] if found else None), tuple(queries), refine_queries
 
 
 def fresh_detector(template: AutoSinks | None) -> AutoSinks | None:
@@ -89,7 +94,9 @@ class SharedPrefill(CacheHooks):
             cache.compress()
     """
 
-    def __init__(self, model: Any, *, detector: AutoSinks | None = None, score_queries: Iterable[int | None] = ()) -> None:
+    def __init__(
+        self, model: Any, *, detector: AutoSinks | None = None, score_queries: Iterable[int | None] = (), refine_queries: bool = False
+    ) -> None:
         sel = detector if detector is not None else NoSinks()
         # A quantizing cache that never compresses before fork_into: its layers hold the forward's
         # keys/values exactly (window + nothing flushed) and give the detector its hooks.
@@ -101,7 +108,11 @@ class SharedPrefill(CacheHooks):
         # its own forward; record it once per distinct query count they read (None: every query).
         self.score_queries = tuple(dict.fromkeys(score_queries))
         self.attention: dict[int, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
-        if self.score_queries:
+        # Forks that rank refinement by attention keep the prompt's last OBS_QUERIES queries (their
+        # RecentQueries hooks would have caught them in this forward): record them once per layer.
+        self.refine_queries = bool(refine_queries)
+        self.queries: dict[int, tuple[torch.Tensor, float]] = {}
+        if self.score_queries or self.refine_queries:
             self.attach(model, self.cache)
 
     def on_forward(self, idx: int, module: Any, cache: Any, hs: torch.Tensor | None, pe: Any) -> None:
@@ -112,6 +123,8 @@ class SharedPrefill(CacheHooks):
         if hs is None or pe is None:
             raise RuntimeError(f"{type(module).__name__} passes no hidden_states/position_embeddings: attention scorers cannot fork")
         b, t = hs.shape[0], hs.shape[1]
+        if self.refine_queries:
+            self.queries[idx] = (project_q(module, hs, pe[0], pe[1], min(OBS_QUERIES, t)), float(module.scaling))
         pos = torch.arange(t, device=hs.device, dtype=torch.int32).view(1, 1, t).expand(b, layer.win_k.shape[1], t)
         pad = cache.ctx.pad_counts(b, hs.device)
         for nq in self.score_queries:
@@ -155,6 +168,7 @@ class SharedPrefill(CacheHooks):
             if isinstance(layer, QuantizedLayer):
                 cache.update(layer.win_k, layer.win_v, i)  # new tensors: the fork never aliases the recording
                 self._feed_scores(cache.layers[i], i, layer.win_k.shape[2])
+                self._feed_queries(cache.layers[i], i)
             elif isinstance(layer, CompressingLayer):  # pragma: no cover - the recorder only builds QuantizedLayer
                 raise TypeError(f"unexpected recording layer {type(layer).__name__}")
             else:
@@ -179,6 +193,19 @@ class SharedPrefill(CacheHooks):
             )
         attn, nq = got[scorer.queries]
         layer.observe_attention(attn.clone(), nq.clone(), t)
+
+    def _feed_queries(self, layer: Any, idx: int) -> None:
+        """Give a fork layer that ranks refinement by attention the prompt queries its hooks would have kept."""
+        wants = getattr(layer, "wants_queries", None)
+        if wants is None or not wants():
+            return
+        if idx not in self.queries:
+            raise ValueError(
+                "the fork ranks refinement by attention but the recorded forward kept no queries: "
+                "build SharedPrefill with refine_queries=True"
+            )
+        q, scaling = self.queries[idx]
+        layer.push_queries(q.clone(), scaling)
 
     def matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
         """Whether the recorded forward saw ``input_ids`` ``[B, T]`` (and the padding of ``attention_mask``)."""

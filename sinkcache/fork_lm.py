@@ -59,7 +59,7 @@ class ForkLM(SinkCacheLM):
         )
         self.members = dict(members)
         self.names = list(members)
-        self._detector, self._score_queries = self._prefill_needs()
+        self._detector, self._score_queries, self._refine_queries = self._prefill_needs()
         self.answers: dict[str, dict[tuple, Any]] = {n: {} for n in self.names}
         self.current = self.names[0]  # the member whose answers lm-eval receives
         self.replaying = False  # False: the record pass (every member runs, one prefill per request)
@@ -119,7 +119,7 @@ class ForkLM(SinkCacheLM):
 
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> SharedPrefill:
         t0 = time.perf_counter()
-        shared = SharedPrefill(self.model, detector=fresh_detector(self._detector), score_queries=self._score_queries)
+        shared = SharedPrefill(self.model, detector=fresh_detector(self._detector), score_queries=self._score_queries, refine_queries=self._refine_queries)
         if ids.shape[1]:
             self._prefill_forward(shared.cache, ids, mask)
         self.timing["shared_prefill_s"] += time.perf_counter() - t0

@@ -11,7 +11,7 @@ from test_evals import _byte_tokenizer, _gen_requests, _ll_requests, _roll_reque
 from sinkcache import SinkCache
 from sinkcache.compare.lms import FractionLM
 from sinkcache.evaluation import SinkCacheLM
-from sinkcache.fork import SharedPrefill
+from sinkcache.fork import SharedPrefill, prefill_needs
 from sinkcache.fork_lm import ForkLM
 from sinkcache.sinks import AutoSinks
 
@@ -23,6 +23,8 @@ MEMBERS = {
     "kivi2": dict(policy="quantize", bits=2, window=4, group_size=16, sinks="none"),
     "sinkquant2": dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto"),
     "first4": dict(policy="quantize", bits=4, window=4, group_size=16, sinks="first"),
+    # refinement ranks blocks by the attention of queries caught in the fork's own forwards
+    "refine2": dict(policy="quantize", bits=2, window=4, group_size=16, sinks="first", refine=0.25),
     "evict_auto": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4, score="keynorm"),
     "streaming": dict(policy="evict", budget=20, window=16, sinks="first", n_first=4),
     "evict_tova": dict(policy="evict", budget=24, window=8, sinks="auto", max_sinks=4, score="tova"),
@@ -128,6 +130,7 @@ def test_members_must_share_model_and_detector(model, tok):
     "options",
     [
         dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto"),
+        dict(policy="quantize", bits=2, window=4, group_size=16, sinks="auto", refine=0.25),
         dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4, score="keynorm"),
         dict(policy="evict", budget=20, window=8, sinks="punct", max_sinks=4),
         dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4, score="tova"),
@@ -152,7 +155,7 @@ def test_fork_into_then_generate_equals_running_alone(model, tok, options):
     prefill(alone)
     expect = generate(model, ids, alone, 12, mask=mask)
 
-    shared = SharedPrefill(model, detector=AutoSinks(n_first=1, punct_ids=_punct(tok)), score_queries=(1, 32, None))
+    shared = SharedPrefill(model, detector=AutoSinks(n_first=1, punct_ids=_punct(tok)), score_queries=(1, 32, None), refine_queries=True)
     prefill(shared.cache)
     fork = shared.fork_into(SinkCache(**options, model=model, tokenizer=tok))
     shared.close()
@@ -161,6 +164,19 @@ def test_fork_into_then_generate_equals_running_alone(model, tok, options):
     for a, b in zip(got.logits, expect.logits, strict=True):
         assert torch.equal(a, b)
     assert fork.stats()["memory_bytes"] == alone.stats()["memory_bytes"]
+
+
+def test_fork_refuses_attention_refinement_it_kept_no_queries_for(model, tok):
+    ids = torch.randint(3, len(tok), (1, 40))
+    opts = dict(policy="quantize", bits=2, window=4, group_size=16, sinks="first", refine=0.25)
+    assert prefill_needs([SinkCache(**opts, model=model)])[2] is True
+    assert prefill_needs([SinkCache(**{**opts, "refine": None}, model=model)])[2] is False
+    shared = SharedPrefill(model)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=shared.cache, use_cache=True)
+    with pytest.raises(ValueError, match="refine_queries=True"):
+        shared.fork_into(SinkCache(**opts, model=model))
+    shared.close()
 
 
 def test_fork_refuses_an_attention_scorer_it_did_not_record(model, tok):

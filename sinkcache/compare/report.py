@@ -26,7 +26,7 @@ from .stats import Interval, ratio_of_sums, stratified_mean, verdict
 #: ours -> its no-sink (or no-protection) baseline in the same family.
 _EVICT_OURS = ("sink-evict", "sink-evict-tova", "sink-evict-snapkv", "sink-evict-h2o")
 BASELINE_OF = {
-    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-hybrid": "nosink-hybrid",
+    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-hybrid": "nosink-hybrid",
 }
 _EVICT_PEERS = ("streamingllm", "kvpress-streaming_llm", "kvpress-snapkv", "kvpress-knorm", "kvpress-tova", "kvpress-expected_attention")
 #: ours -> the peers it is compared with at the same nominal setting (the attention-scored evictions
@@ -35,6 +35,7 @@ PEERS_OF = {
     "sink-evict": _EVICT_PEERS,
     **{p: ("sink-evict", *_EVICT_PEERS) for p in _EVICT_OURS[1:]},
     "sink-quant": ("hf-quanto", "hf-hqq"),
+    "sink-quant-refine": ("sink-quant", "hf-quanto", "hf-hqq"),
 }
 
 
