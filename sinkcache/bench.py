@@ -84,6 +84,8 @@ def default_specs(budget: int = BUDGET, profile: str | None = None) -> list[Cach
     ``profile``: a built-in sink profile name; adds ``int4-profile`` (sinks chosen by token id from
     the profile: sink-aware without the runtime attention measurement of ``sinks="auto"``).
     """
+    from .refine import Refinement  # imports torch: not at module top (``sinkcache --help`` stays torch-free)
+
     specs = [
         CacheSpec(BASELINE, "DynamicCache (baseline)", "dynamic"),
         CacheSpec("full", "SinkCache full", "sinkcache", dict(policy="full")),
@@ -100,11 +102,23 @@ def default_specs(budget: int = BUDGET, profile: str | None = None) -> list[Cach
                   dict(policy="quantize", bits=2, refine=0.14)),
         CacheSpec("int4-refine", "quantize int4, first-token sink, 14% of each block refined by attention (+2 bits)", "sinkcache",
                   dict(policy="quantize", bits=4, refine=0.14)),
+        # Ranked by key norm: no query hooks, so (int2-refine - int2-refine-keynorm) is what the hooks cost.
+        CacheSpec("int2-refine-keynorm", "quantize int2, first-token sink, 14% of each block refined by key norm (+2 bits)",
+                  "sinkcache", dict(policy="quantize", bits=2, refine=Refinement(0.14, score="keynorm"))),
         CacheSpec("hybrid2", f"hybrid int2 budget {budget}, first-token sink", "sinkcache", dict(policy="hybrid", bits=2, budget=budget)),
         CacheSpec("quanto4", "transformers QuantizedCache quanto int4", "quanto", dict(nbits=4)),
         CacheSpec("quanto2", "transformers QuantizedCache quanto int2", "quanto", dict(nbits=2)),
     ]
     return [s for s in specs if s.name != "int4-profile" or profile is not None]
+
+
+def _spec_meta(specs: Sequence[CacheSpec]) -> dict[str, dict]:
+    """What each spec asked for, JSON-safe (an option object such as ``Refinement`` by its repr)."""
+    plain = (int, float, str, bool, type(None))
+    return {
+        s.name: {"label": s.label, "kind": s.kind, "options": {k: v if isinstance(v, plain) else repr(v) for k, v in s.options.items()}}
+        for s in specs
+    }
 
 
 # ---- memory ---------------------------------------------------------------------------------
@@ -272,6 +286,11 @@ def built_label(cfg: dict) -> str:
         parts.append(f"int{cfg['bits']}")
     if cfg.get("budget") is not None:
         parts.append(f"budget {cfg['budget']}")
+    if cfg.get("score") and cfg["policy"] == "evict":
+        parts.append(f"score {cfg['score']}")
+    refine = cfg.get("refine")
+    if refine:
+        parts.append(f"refine {refine['share']:g} (+{refine['bits']} bits, {refine['score']})")
     if cfg["policy"] != "full":
         sinks = cfg.get("sinks")
         parts.append("no sinks" if sinks == "none" else f"sinks {sinks}" + (f" ({cfg['sink_selector']})" if sinks == "auto" else ""))
@@ -565,7 +584,7 @@ def bench(
         tmeta = {
             "model": model_name, **where, "kv_budget_mib": throughput_mib, "context": contexts[0],
             "decode_tokens": decode_tokens, "max_batch": max_batch,
-            "caches": {s.name: {"label": s.label, "kind": s.kind, "options": s.options} for s in specs},
+            "caches": _spec_meta(specs),
             "machine": machine_info(threads), "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": seconds,
             "command": command or "sinkcache bench --throughput-mib",
@@ -580,7 +599,7 @@ def bench(
         "reps": reps,
         "decode_tokens": decode_tokens,
         "budget": budget,
-        "caches": {s.name: {"label": s.label, "kind": s.kind, "options": s.options} for s in specs},
+        "caches": _spec_meta(specs),
         "machine": machine_info(threads),
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],

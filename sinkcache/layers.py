@@ -34,7 +34,7 @@ from .quant import (
     quantize_keys,
     quantize_residual,
     quantize_values,
-    residual_delta,
+    residual_cells,
     unpack,
 )
 from .refine import OBS_QUERIES
@@ -443,7 +443,7 @@ class QuantizedLayer(CompressingLayer):
         self.q_ring: torch.Tensor | None = None
         self.q_scaling = 1.0
         # (key group, output slot) of each refined token, derived from r_col; rebuilt when it changes.
-        self._r_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._r_index: tuple[torch.Tensor, ...] | None = None
         for name in self._batched:
             setattr(self, name, _EMPTY)
 
@@ -570,19 +570,31 @@ class QuantizedLayer(CompressingLayer):
         return out_k[:, :, 1:], out_v[:, :, 1:]
 
     def _apply_refinement(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
-        """Add the refined tokens' residuals to their dequantized slots (R tokens, not the body)."""
+        """Add the refined tokens' residuals to their dequantized slots of ``out_k``/``out_v``
+        ``[B, H, 1 + Tb + W, D]`` (slot 0 scratch): work on the R refined tokens, not the body."""
         assert self.refine is not None
-        d = out_k.shape[-1]
+        b, h, n_t, d = out_k.shape
         if self._r_index is None:
+            # Flat row indices into the scales (fixed until the next flush, which resets them).
             col = self.r_col.long()
-            self._r_index = (torch.div(col, self.group, rounding_mode="floor"), col + 1)
-        grp, slot = self._r_index
-        # A key's base step is its group's per-channel scale; a value's, its token's channel-group scale.
-        ks = _take(self.k_scale, grp)
-        vs = _take(self.v_scale, slot - 1).repeat_interleave(self.vgroup, dim=-1)
-        idx = slot.unsqueeze(-1).expand(-1, -1, -1, d)
-        out_k.scatter_add_(2, idx, residual_delta(self.rk_codes, ks, self.refine.bits))
-        out_v.scatter_add_(2, idx, residual_delta(self.rv_codes, vs, self.refine.bits))
+            rows = torch.arange(b * h, device=col.device).view(b, h, 1)
+            k_rows = (rows * self.k_scale.shape[2] + torch.div(col, self.group, rounding_mode="floor")).reshape(-1)
+            v_rows = (rows * self.v_scale.shape[2] + col).reshape(-1)
+            self._r_index = (k_rows, v_rows, rows * (n_t - self.win_k.shape[2]) + col + 1, rows)
+        k_rows, v_rows, body_rows, rows = self._r_index
+        bits = self.refine.bits
+        # Offsets in steps of the base grid: a key's step is its group's per-channel scale, a
+        # value's its token's channel-group scale (broadcast over the group, not repeated).
+        dk = residual_cells(self.rk_codes, bits, out_k.dtype).view(-1, d)
+        dk.mul_(self.k_scale.reshape(-1, d).index_select(0, k_rows)).mul_(1.0 / (1 << bits))
+        dv = residual_cells(self.rv_codes, bits, out_v.dtype).view(-1, d // self.vgroup, self.vgroup)
+        dv.mul_(self.v_scale.reshape(-1, d // self.vgroup, 1).index_select(0, v_rows)).mul_(1.0 / (1 << bits))
+        # Rows of the flattened [B*H*(1+Tb+W), D] buffers: index_add_ adds whole rows (a scatter
+        # along dim 2 reads an int64 index per element, ~2-3x slower). The window grows between
+        # flushes, which shifts every (row, head)'s block by its W.
+        flat = (body_rows + rows * self.win_k.shape[2]).reshape(-1)
+        out_k.view(-1, d).index_add_(0, flat, dk)
+        out_v.view(-1, d).index_add_(0, flat, dv.view(-1, d))
 
     # ---- leaving the window -------------------------------------------------------------------
     def _flush(self) -> None:

@@ -203,9 +203,16 @@ def quantize_residual(x: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor
     return pack(r.round_().clamp_(0, cells - 1), bits)
 
 
+def residual_cells(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Refinement ``codes`` (packed, ``[..., n]``) as offsets from the base grid point, in cells of
+    ``1 / 2**bits`` step: ``code - (2**bits - 1) / 2``, ``[..., n * 8 // bits]`` of ``dtype`` (exact).
+
+    The step fraction is ``cells / 2**bits`` (a power-of-two scaling, exact), so callers fold it
+    into one later in-place multiply: the result is bit-identical to :func:`residual_delta`."""
+    return unpack(codes, bits).to(dtype).sub_(((1 << bits) - 1) / 2)
+
+
 def residual_delta(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """What refinement ``codes`` (packed, ``[..., D*bits/8]``) add to the base dequantization:
     ``scale * ((code + 0.5) / 2**bits - 0.5)``, in ``scale``'s dtype, ``[..., D]``."""
-    cells = 1 << bits
-    c = unpack(codes, bits).to(scale.dtype)
-    return c.add_(0.5).div_(cells).sub_(0.5).mul_(scale)
+    return residual_cells(codes, bits, scale.dtype).mul_(scale).mul_(1.0 / (1 << bits))

@@ -171,3 +171,12 @@ def test_first_step_is_reported_apart_from_steady_decode():
     assert rows["int4"]["decode_tps"] == pytest.approx(5.0) and rows["int4"]["decode_x"] == pytest.approx(0.5)
     assert rows["int4"]["first_step_ms"] == pytest.approx(900.0) and rows["int4"]["first_step_x"] == pytest.approx(3.0)
     assert rows["int4"]["ms_per_token"] == pytest.approx(200.0)
+
+
+def test_spec_meta_is_json_safe_and_keeps_option_objects_readable():
+    from sinkcache.bench import _spec_meta, default_specs
+
+    meta = json.loads(json.dumps(_spec_meta(default_specs())))
+    assert meta["int2-refine-keynorm"]["options"]["refine"].startswith("Refinement(")
+    assert "keynorm" in meta["int2-refine-keynorm"]["options"]["refine"]
+    assert meta["int2-refine"]["options"] == {"policy": "quantize", "bits": 2, "refine": 0.14}

@@ -223,6 +223,33 @@ def test_fit_budget_keeps_zero_and_policy_defaults():
     SinkCache(**hyb)  # and the fitted budget is valid for the policy's defaults
 
 
+def test_fit_budget_keeps_a_cells_own_window():
+    base = dict(policy="evict", bits=None, budget=None, group_size=None, max_sinks=None, sinks="auto", n_first=1)
+    fitted = fit_budget(dict(base, window=32), 0.25, 400, "default")
+    assert (fitted["budget"], fitted["window"]) == (100, 32)
+    small = fit_budget(dict(base, window=32), 0.01, 400, "default")
+    assert small["budget"] == 32 + 2 + 1 and small["window"] == 32  # raised to hold the window, not clamped below it
+    assert fit_budget(dict(base, window=None), 0.25, 400, "default")["window"] is None  # the policy's default
+
+
+def test_tova_w32_cell_builds_a_32_token_window(model, tok):
+    lm = build_lm(Cell("sink-evict-tova-w32", budget=25.0), "tiny", model=model, tokenizer=tok)
+    lm._n_ctx = 400
+    cache = lm.make_cache()
+    try:
+        d = cache.describe()
+        assert (d["policy"], d["score"], d["window"], d["budget"], d["sinks"]) == ("evict", "tova", 32, 100, "auto")
+    finally:
+        cache.detach()
+    lm = build_lm(Cell("sink-evict-tova", budget=25.0), "tiny", model=model, tokenizer=tok)
+    lm._n_ctx = 400
+    cache = lm.make_cache()
+    try:
+        assert cache.describe()["window"] == 50  # the default window, min(256, budget // 2)
+    finally:
+        cache.detach()
+
+
 def test_compare_budgets_below_one_percent_raise():
     with pytest.raises(ValueError, match="write 50"):
         plan(["sink-evict"], [0.5])
@@ -251,6 +278,12 @@ def test_bench_rows_are_labelled_from_the_built_cache(model):
         cfg = built_config(specs[name].build(model))
         assert cfg["sink_selector"] == sel
         assert ("no sinks" in built_label(cfg)) == (sel == "NoSinks")
+    # A refined cache and a plain one must not share a label (a row once read "int2, sinks first" for both).
+    plain, refined = (built_label(built_config(specs[n].build(model))) for n in ("int2", "int2-refine"))
+    assert "refine" not in plain and plain != refined
+    assert "refine 0.14 (+2 bits, attention)" in refined
+    cfg = built_config(specs["evict"].build(model))
+    assert f"score {cfg['score']}" in built_label(cfg)
     cfg = built_config(CacheSpec("q", "q", "quanto", dict(nbits=2)).build(model))
     assert cfg["nbits"] == 2 and built_label(cfg).endswith("int2")
     assert torch.is_tensor(torch.zeros(1))  # keep torch imported for the fixtures' models

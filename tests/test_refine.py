@@ -13,7 +13,15 @@ from planted import SINK, planted_model, sample
 from sinkcache import SinkCache
 from sinkcache.layers import QuantizedLayer
 from sinkcache.policies import HybridPolicy, QuantizePolicy, make_policy
-from sinkcache.quant import dequantize_keys, quantize_keys, quantize_residual, residual_delta
+from sinkcache.quant import (
+    dequantize_keys,
+    pack,
+    quantize_keys,
+    quantize_residual,
+    residual_cells,
+    residual_delta,
+    unpack,
+)
 from sinkcache.refine import OBS_QUERIES, Refinement, make_refinement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +86,20 @@ def test_refinement_has_the_error_of_the_finer_grid(base, extra):
     assert float(err_fine.mean()) < float(err_base.mean()) / 2 ** extra * 1.5
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_cells_are_exact_offsets_from_the_grid_point(bits, dtype):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (2, 3, 5, 32), generator=g)
+    packed = pack(codes, bits)
+    got = residual_cells(packed, bits, dtype)
+    assert got.dtype == dtype and got.shape == codes.shape
+    # (code + 0.5) / 2**bits - 0.5 of a step, in cells of 1 / 2**bits step
+    assert torch.equal(got / (1 << bits), ((codes.double() + 0.5) / (1 << bits) - 0.5).to(dtype))
+    scale = torch.rand(2, 3, 5, 32, generator=g).to(dtype)
+    assert torch.equal(residual_delta(packed, scale, bits), (((codes.double() + 0.5) / (1 << bits) - 0.5).to(dtype) * scale))
+
+
 # ---- the layer ---------------------------------------------------------------------------------
 def _feed(cache, n_layers: int, chunks, d: int = 16, h: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -117,6 +139,16 @@ def test_keynorm_refinement_storage_bytes_and_error():
         sel = lambda t: t[0, :, :body].gather(1, cols.unsqueeze(-1).expand(-1, -1, 16))  # noqa: E731
         assert float((sel(out_r) - sel(exact)).abs().mean()) < float((sel(out_p) - sel(exact)).abs().mean()) / 2
         assert torch.equal(out_r[0, :, body:], exact[0, :, body:])  # the window is exact
+    # Exactly base + residual (an independent unpack of the stored codes, scales gathered per token).
+    bits = layer.refine.bits
+    steps = lambda c: (unpack(c, bits).float() + 0.5) / (1 << bits) - 0.5  # noqa: E731
+    kscale = layer.k_scale[0].repeat_interleave(16, dim=1).gather(1, cols.unsqueeze(-1).expand(-1, -1, 16))
+    vscale = layer.v_scale[0].gather(1, cols.unsqueeze(-1).expand(-1, -1, layer.v_scale.shape[-1]))
+    vscale = vscale.repeat_interleave(layer.vgroup, dim=-1)
+    for out_p, out_r, rc, sc in ((pk, rk, layer.rk_codes, kscale), (pv, rv, layer.rv_codes, vscale)):
+        base = out_p[0, :, :body].gather(1, cols.unsqueeze(-1).expand(-1, -1, 16))
+        got = out_r[0, :, :body].gather(1, cols.unsqueeze(-1).expand(-1, -1, 16))
+        assert torch.equal(got, base + steps(rc[0]) * sc)
     # The smallest-norm non-sink keys of the block were chosen.
     norms = k[0, :, :32].norm(dim=-1)
     norms[:, 0] = float("inf")

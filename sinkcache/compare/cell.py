@@ -25,6 +25,9 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "sink-evict-tova": {"policy": "evict", "sinks": "auto", "score": "tova"},
     "sink-evict-snapkv": {"policy": "evict", "sinks": "auto", "score": "snapkv"},
     "sink-evict-h2o": {"policy": "evict", "sinks": "auto", "score": "h2o"},
+    # TOVA with a 32-token recent window instead of min(256, budget // 2): kvpress's TOVA reserves
+    # none, so at 50% ours spent half its budget on a window the scorer could have chosen itself.
+    "sink-evict-tova-w32": {"policy": "evict", "sinks": "auto", "score": "tova", "window": 32},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},

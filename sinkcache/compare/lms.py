@@ -34,7 +34,8 @@ __all__ = ["FractionLM", "QuantizedPeerLM", "KVPressLM", "PeerQuantCache", "tens
 def fit_budget(kw: dict[str, Any], frac: float, n_tokens: int, window_mode: str) -> dict[str, Any]:
     """Cache kwargs with ``budget = ceil(frac * n_tokens)`` (raised to the policy's minimum).
 
-    ``window_mode``: ``"default"`` (the policy's own default window), ``"rest"`` (the window takes
+    ``window_mode``: ``"default"`` (``kw["window"]`` when set, else the policy's own default
+    window), ``"rest"`` (the window takes
     the whole budget except the ``n_first`` sinks of ``sinks="first"``: pure recent window /
     StreamingLLM).
     """
@@ -51,8 +52,15 @@ def fit_budget(kw: dict[str, Any], frac: float, n_tokens: int, window_mode: str)
             reserved = n_first
         else:
             reserved = max(n_first, 1) + 1  # room for the first token(s) + at least one measured sink
-        budget = max(budget, reserved + 1)
-        kw["window"] = budget - reserved if window_mode == "rest" else None
+        if window_mode == "rest":
+            budget = max(budget, reserved + 1)
+            kw["window"] = budget - reserved
+        elif kw.get("window") is not None:
+            # A cell's own fixed window (e.g. 32): the budget must hold it, the sinks and one scored slot.
+            budget = max(budget, int(kw["window"]) + reserved + 1)
+        else:
+            budget = max(budget, reserved + 1)
+            kw["window"] = None  # the policy's own default, min(256, budget // 2)
     elif kw["policy"] == "hybrid":
         # Unset knobs are the policy's own defaults (window 128, group 64), not 0.
         window = HybridPolicy.window if kw.get("window") is None else int(kw["window"])

@@ -1,0 +1,115 @@
+"""What one cache's decode step costs against another's, interleaved step by step.
+
+For a pair ``A:B`` of ``sinkcache bench`` cache names (e.g. ``int2:int2-refine``), both caches
+prefill the same ``--context``-token prompt of seeded random tokens, then decode greedily in
+lockstep: a step of A, a step of B, a step of A, ... Adjacent steps see the same machine load, so
+the ratio of each adjacent pair (B / A) cancels most of what a shared 2-core machine adds; the
+report is the median of those ratios with a 95% bootstrap interval over steps, and the first
+decode step (where a compressing cache quantizes the whole prompt, one forward late) is reported
+apart. Each repeat starts from a fresh prefill; the configuration of both caches is read back
+from the built objects (``describe()``).
+
+    python evals/decode_step_bench.py --pairs int2:int2-refine,int4:int4-refine --context 2048 \\
+        --steps 128 --repeats 2 --out evals/results/bench/refine_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _step(model, cache, tok: torch.Tensor) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    return nxt, time.perf_counter() - t0
+
+
+def lockstep(model, ids: torch.Tensor, spec_a, spec_b, steps: int) -> dict:
+    """Prefill both caches, then ``steps`` decode steps alternating A, B; per-step seconds."""
+    caches, toks = [], []
+    with torch.no_grad():
+        for spec in (spec_a, spec_b):
+            cache = spec.build(model)
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            caches.append(cache)
+            toks.append(out.logits[:, -1:].argmax(-1))
+        times: list[list[float]] = [[], []]
+        for _ in range(steps):
+            for i in (0, 1):
+                toks[i], dt = _step(model, caches[i], toks[i])
+                times[i].append(dt)
+    built = [c.describe() if hasattr(c, "describe") else {"class": type(c).__name__} for c in caches]
+    for c in caches:
+        if hasattr(c, "detach"):
+            c.detach()
+    return {"a_s": times[0], "b_s": times[1], "built": built}
+
+
+def _ci(ratios: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n_boot))
+    return meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--pairs", default="int2:int2-refine,int4:int4-refine", help="A:B,... (sinkcache bench names)")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=1024, help="tokens per layer for evict/hybrid specs")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    from sinkcache.bench import default_specs
+    from sinkcache.models import load_model
+
+    specs = {s.name: s for s in default_specs(budget=a.budget)}
+    pairs = [tuple(p.split(":")) for p in a.pairs.split(",")]
+    for p in pairs:
+        bad = [n for n in p if n not in specs]
+        if len(p) != 2 or bad:
+            raise SystemExit(f"--pairs {':'.join(p)!r}: need A:B of known caches; unknown {bad}; allowed: {', '.join(specs)}")
+    model, _tok = load_model(a.model)
+    model.eval()
+    ids = torch.randint(10, model.config.vocab_size - 10, (1, a.context), generator=torch.Generator().manual_seed(0))
+    load_before = os.getloadavg()
+    out: dict = {"model": a.model, "context": a.context, "steps": a.steps, "repeats": a.repeats, "threads": 1,
+                 "torch": torch.__version__, "load_avg_before": load_before, "pairs": {},
+                 "command": " ".join(["python", "evals/decode_step_bench.py", *sys.argv[1:]])}
+    print(f"{a.model}, {a.context}-token prompt, {a.steps} lockstep decode steps x {a.repeats} repeats, 1 thread")
+    print(f"{'A':>12} {'B':>14} {'A ms':>7} {'B ms':>7} {'B/A median':>11} {'95% CI':>16} {'first B/A':>10}")
+    for name_a, name_b in pairs:
+        runs = [lockstep(model, ids, specs[name_a], specs[name_b], a.steps) for _ in range(a.repeats)]
+        ratios = [b / x for r in runs for x, b in zip(r["a_s"][1:], r["b_s"][1:])]
+        first = statistics.median(r["b_s"][0] / r["a_s"][0] for r in runs)
+        lo, hi = _ci(ratios)
+        ms_a = 1e3 * statistics.median(t for r in runs for t in r["a_s"][1:])
+        ms_b = 1e3 * statistics.median(t for r in runs for t in r["b_s"][1:])
+        med = statistics.median(ratios)
+        out["pairs"][f"{name_a}:{name_b}"] = {
+            "a": name_a, "b": name_b, "steady_ms_a": ms_a, "steady_ms_b": ms_b, "b_over_a_median": med,
+            "b_over_a_ci95": [lo, hi], "n_step_pairs": len(ratios), "first_step_b_over_a": first,
+            "built_a": runs[0]["built"][0], "built_b": runs[0]["built"][1],
+        }
+        print(f"{name_a:>12} {name_b:>14} {ms_a:7.1f} {ms_b:7.1f} {med:11.3f} [{lo:.3f}, {hi:.3f}] {first:10.2f}")
+    out["load_avg_after"] = os.getloadavg()
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
