@@ -250,6 +250,17 @@ def test_tova_w32_cell_builds_a_32_token_window(model, tok):
         cache.detach()
 
 
+def test_tova_pooled_cell_builds_the_pooled_scorer(model, tok):
+    lm = build_lm(Cell("sink-evict-tova-pooled", budget=25.0), "tiny", model=model, tokenizer=tok)
+    lm._n_ctx = 400
+    cache = lm.make_cache()
+    try:
+        d = cache.describe()
+        assert (d["score"], d["scorer"], d["sinks"], d["window"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 50)
+    finally:
+        cache.detach()
+
+
 def test_compare_budgets_below_one_percent_raise():
     with pytest.raises(ValueError, match="write 50"):
         plan(["sink-evict"], [0.5])

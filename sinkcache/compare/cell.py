@@ -28,6 +28,8 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     # TOVA with a 32-token recent window instead of min(256, budget // 2): kvpress's TOVA reserves
     # none, so at 50% ours spent half its budget on a window the scorer could have chosen itself.
     "sink-evict-tova-w32": {"policy": "evict", "sinks": "auto", "score": "tova", "window": 32},
+    # TOVA pooled over the layer's heads, as kvpress's TOVAPress scores (one token set per layer).
+    "sink-evict-tova-pooled": {"policy": "evict", "sinks": "auto", "score": "tova-pooled"},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},

@@ -24,7 +24,9 @@ from .plan import ACCURACY_METRICS, POLICIES, PPL_TASK, RULER_TASKS, ruler_parts
 from .stats import Interval, ratio_of_sums, stratified_mean, verdict
 
 #: ours -> its no-sink (or no-protection) baseline in the same family.
-_EVICT_OURS = ("sink-evict", "sink-evict-tova", "sink-evict-tova-w32", "sink-evict-snapkv", "sink-evict-h2o")
+_EVICT_OURS = (
+    "sink-evict", "sink-evict-tova", "sink-evict-tova-w32", "sink-evict-tova-pooled", "sink-evict-snapkv", "sink-evict-h2o",
+)
 BASELINE_OF = {
     **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-hybrid": "nosink-hybrid",
 }
@@ -34,7 +36,8 @@ _EVICT_PEERS = ("streamingllm", "kvpress-streaming_llm", "kvpress-snapkv", "kvpr
 PEERS_OF = {
     "sink-evict": _EVICT_PEERS,
     **{p: ("sink-evict", *_EVICT_PEERS) for p in _EVICT_OURS[1:]},
-    "sink-evict-tova-w32": ("sink-evict-tova", "sink-evict", *_EVICT_PEERS),  # vs the default window too
+    # variants of the TOVA cell are also compared with the default one
+    **{p: ("sink-evict-tova", "sink-evict", *_EVICT_PEERS) for p in ("sink-evict-tova-w32", "sink-evict-tova-pooled")},
     "sink-quant": ("hf-quanto", "hf-hqq"),
     "sink-quant-refine": ("sink-quant", "hf-quanto", "hf-hqq"),
 }

@@ -1,0 +1,56 @@
+"""Pooled TOVA (``sinkcache/scores/tova_pooled.py``): the newest query's attention averaged over
+all heads, checked against eager attention weights, and pooled per column when heads differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt
+from helpers import eager_prefill
+
+from sinkcache import SinkCache
+from sinkcache.layers import EvictingLayer
+from sinkcache.scores.tova_pooled import pool_over_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_pooled_scores_are_the_last_querys_attention_averaged_over_all_heads(tiny, arch):
+    m = tiny(arch, "eager")
+    cache = SinkCache("evict", budget=64, score="tova-pooled", sinks="first", model=m)
+    att = eager_prefill(m, cache, prompt(20))  # [B, Hk, q, T], averaged within each kv group
+    seen = 0
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, EvictingLayer):
+            want = att[i][:, :, -1, :].float().mean(1, keepdim=True).expand_as(layer.score)
+            torch.testing.assert_close(layer.score, want, atol=1e-5, rtol=1e-4)
+            assert torch.equal(layer.score[:, :1].expand_as(layer.score), layer.score)  # one score per token
+            seen += 1
+    assert seen
+
+
+def test_pooling_is_per_column_when_heads_hold_different_tokens():
+    # head 0 holds columns 0, 1, 3; head 1 holds 0, 2, 3 (e.g. a measured sink only head 1 kept)
+    pos = torch.tensor([[[0, 1, 3], [0, 2, 3]]], dtype=torch.int32)
+    x = torch.tensor([[[0.2, 0.4, 0.6], [0.4, 0.8, 0.0]]])
+    got = pool_over_heads(x, pos, seen=4)
+    want = torch.tensor([[[0.3, 0.4, 0.3], [0.3, 0.8, 0.3]]])  # a column held by one head keeps its own score
+    torch.testing.assert_close(got, want)
+
+
+def test_pooled_eviction_keeps_one_token_set_per_layer(tiny):
+    m = tiny("llama", "sdpa")
+    cache = SinkCache("evict", budget=24, window=4, score="tova-pooled", sinks="first", model=m)
+    with torch.no_grad():
+        out = m(input_ids=prompt(60), past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(5):
+            out = m(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+    layers = [la for la in cache.layers if isinstance(la, EvictingLayer)]
+    # evicted down to the budget (plus the newest token: layers compress one forward late)
+    assert layers and all(la.held() <= 25 for la in layers)
+    for la in layers:
+        assert torch.equal(la.pos[:, :1].expand_as(la.pos), la.pos)  # every kv-head holds the same columns
+    cache.detach()
