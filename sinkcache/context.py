@@ -24,6 +24,8 @@ class TokenContext:
         # True once the cache watches the model's inputs (SinkCache(model=...)): only then is
         # ``pad`` the truth about padding rather than "never seen".
         self.sees_inputs = False
+        # Forwards observed: lets per-forward facts that every layer asks for be computed once.
+        self.forwards = 0
 
     def reset(self) -> None:
         self.pad = None
@@ -31,6 +33,7 @@ class TokenContext:
 
     def observe(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past: int) -> None:
         """Record one forward's inputs. ``past`` = columns already in the cache before it."""
+        self.forwards += 1
         if attention_mask is not None and attention_mask.dim() == 2:
             m = attention_mask.to(torch.long)
             # Leading zeros are left padding; a zero after the first one would be a hole we cannot represent.

@@ -129,6 +129,26 @@ def test_decoded_candidate_is_confirmed_by_attention(with_candidates):
     cache.detach()
 
 
+def test_candidate_test_runs_once_per_forward_and_each_layer_keeps_its_own(monkeypatch):
+    """Every layer of a decode step asks whether the new token is a candidate: the ids lookup runs
+    once per forward, and the layers' candidate flags stay independent (each updates its own)."""
+    model = planted_model(layers=3)
+    sel = AutoSinks(threshold=0.05, punct_ids=[SINK, QUIET])
+    calls = []
+    real = AutoSinks._candidate_now
+    monkeypatch.setattr(AutoSinks, "_candidate_now", lambda self, *a: calls.append(1) or real(self, *a))
+    cache = SinkCache(policy="quantize", bits=2, window=16, group_size=16, sinks=sel, model=model)
+    feed(model, cache, ids_without_sink(64), 64)
+    decoded = ids_without_sink(40, seed=3)
+    decoded[0, 10] = SINK  # column 74
+    feed(model, cache, decoded, 1)
+    assert len(calls) == 40  # one per decode forward, not one per layer
+    assert all(sink_cols(cache, i) == {0, 74} for i in range(3))
+    st = [sel.state[i].cand for i in range(3)]
+    assert all(c is not None for c in st) and len({id(c) for c in st}) == 3
+    cache.detach()
+
+
 def test_repeated_columns_forget_old_measurements():
     """Re-feeding columns (as after a crop) replaces their measurements."""
     model = planted_model()
