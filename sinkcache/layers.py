@@ -555,25 +555,26 @@ class QuantizedLayer(CompressingLayer):
             return self.win_k, self.win_v
         b, h, w, d = self.win_k.shape
         # Slot 0 is scratch: empty sink entries point there, so one scatter handles ragged sink counts.
-        out_k = torch.empty(b, h, 1 + tb + w, d, dtype=self.dtype, device=self.win_k.device)
-        out_v = torch.empty_like(out_k)
+        # Keys and values share one buffer so that refinement adds to both in one pass.
+        kv = torch.empty(2, b, h, 1 + tb + w, d, dtype=self.dtype, device=self.win_k.device)
+        out_k, out_v = kv[0], kv[1]
         dequantize_keys(QuantizedKeys(self.k_codes, self.k_scale, self.k_zero), self.bits, self.group, out_k[:, :, 1 : 1 + tb])
         dequantize_values(QuantizedValues(self.v_codes, self.v_scale, self.v_zero), self.bits, self.vgroup, out_v[:, :, 1 : 1 + tb])
         out_k[:, :, 1 + tb :] = self.win_k
         out_v[:, :, 1 + tb :] = self.win_v
         if self.r_col.shape[2]:
-            self._apply_refinement(out_k, out_v)
+            self._apply_refinement(kv)
         if self.sink_k.shape[2]:
             idx = self.sink_slot.unsqueeze(-1).expand(-1, -1, -1, d)
             out_k.scatter_(2, idx, self.sink_k)
             out_v.scatter_(2, idx, self.sink_v)
         return out_k[:, :, 1:], out_v[:, :, 1:]
 
-    def _apply_refinement(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
-        """Add the refined tokens' residuals to their dequantized slots of ``out_k``/``out_v``
-        ``[B, H, 1 + Tb + W, D]`` (slot 0 scratch): work on the R refined tokens, not the body."""
+    def _apply_refinement(self, kv: torch.Tensor) -> None:
+        """Add the refined tokens' residuals to their dequantized slots of ``kv`` ``[2, B, H, 1 + Tb
+        + W, D]`` (keys, values; slot 0 scratch): work on the R refined tokens, not the body."""
         assert self.refine is not None
-        b, h, n_t, d = out_k.shape
+        _, b, h, n_t, d = kv.shape
         if self._r_index is None:
             # Flat row indices into the scales (fixed until the next flush, which resets them).
             col = self.r_col.long()
@@ -582,19 +583,20 @@ class QuantizedLayer(CompressingLayer):
             v_rows = (rows * self.v_scale.shape[2] + col).reshape(-1)
             self._r_index = (k_rows, v_rows, rows * (n_t - self.win_k.shape[2]) + col + 1, rows)
         k_rows, v_rows, body_rows, rows = self._r_index
-        bits = self.refine.bits
-        # Offsets in steps of the base grid: a key's step is its group's per-channel scale, a
-        # value's its token's channel-group scale (broadcast over the group, not repeated).
-        dk = residual_cells(self.rk_codes, bits, out_k.dtype).view(-1, d)
-        dk.mul_(self.k_scale.reshape(-1, d).index_select(0, k_rows)).mul_(1.0 / (1 << bits))
-        dv = residual_cells(self.rv_codes, bits, out_v.dtype).view(-1, d // self.vgroup, self.vgroup)
-        dv.mul_(self.v_scale.reshape(-1, d // self.vgroup, 1).index_select(0, v_rows)).mul_(1.0 / (1 << bits))
-        # Rows of the flattened [B*H*(1+Tb+W), D] buffers: index_add_ adds whole rows (a scatter
+        bits, r = self.refine.bits, k_rows.numel()
+        # Keys' and values' codes unpacked together: [2R, D] offsets in steps of the base grid.
+        codes = torch.cat([self.rk_codes.reshape(r, -1), self.rv_codes.reshape(r, -1)])
+        delta = residual_cells(codes, bits, kv.dtype)
+        # A key's step is its group's per-channel scale, a value's its token's channel-group scale
+        # (broadcast over the group, not repeated); 2**-bits is exact and folded in once.
+        delta[:r].mul_(self.k_scale.reshape(-1, d).index_select(0, k_rows))
+        delta[r:].view(r, d // self.vgroup, self.vgroup).mul_(self.v_scale.reshape(-1, d // self.vgroup, 1).index_select(0, v_rows))
+        delta.mul_(1.0 / (1 << bits))
+        # Rows of the flattened [2*B*H*(1+Tb+W), D] buffer: index_add_ adds whole rows (a scatter
         # along dim 2 reads an int64 index per element, ~2-3x slower). The window grows between
-        # flushes, which shifts every (row, head)'s block by its W.
+        # flushes, which shifts every (row, head)'s block by its W; values sit B*H*(1+Tb+W) rows on.
         flat = (body_rows + rows * self.win_k.shape[2]).reshape(-1)
-        out_k.view(-1, d).index_add_(0, flat, dk)
-        out_v.view(-1, d).index_add_(0, flat, dv.view(-1, d))
+        kv.view(-1, d).index_add_(0, torch.cat([flat, flat + b * h * n_t]), delta)
 
     # ---- leaving the window -------------------------------------------------------------------
     def _flush(self) -> None:
