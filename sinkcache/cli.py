@@ -254,7 +254,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--score",
         choices=SCORE_NAMES,
         default=None,
-        help="evict only: how held tokens are ranked (default: tova, the measured best; keynorm needs no queries)",
+        help="evict only: how held tokens are ranked (default: tova-pooled, the measured best; keynorm needs no queries)",
     )
     d = p.add_argument_group("decoding")
     d.add_argument(
@@ -464,7 +464,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", type=_probability, default=None, metavar="SHARE", help="quantize only: the most attended SHARE of each quantized block gets 2 more bits (default: off)")
     p.add_argument("--sinks", default="first", choices=["auto", "first", "punct", "none"], help="sink selection")
     p.add_argument("--n-first", type=_non_negative_int, default=None, help="leading tokens that are always sinks (default: 1; not with --sinks none)")
-    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="evict only: eviction scorer (default tova, the measured best; keynorm needs no queries)")
+    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="evict only: eviction scorer (default tova-pooled, the measured best; keynorm needs no queries)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
     p.add_argument("--batch-size", type=int, default=1, help="requests per batch (left-padded)")
     p.add_argument("--output", default=None, help="write the JSON report here")

@@ -55,6 +55,7 @@ TIGHT = {
     "evict_shifted": dict(policy="evict", budget=8, window=3, positions="shifted"),
     # attention scorers (forward hooks): TOVA with measured sinks, H2O and SnapKV with the default sinks
     "evict_tova": dict(policy="evict", budget=8, window=3, score="tova", sinks="auto"),
+    "evict_tova_pooled": dict(policy="evict", budget=8, window=3, score="tova-pooled", sinks="auto"),
     "evict_h2o": dict(policy="evict", budget=8, window=3, score="h2o"),
     "evict_snapkv": dict(policy="evict", budget=8, window=3, score="snapkv"),
     "quantize": dict(policy="quantize", bits=2, window=2, group_size=4, sinks="auto"),
@@ -70,7 +71,7 @@ ROOMY = {
     "hybrid": dict(policy="hybrid", bits=2, budget=160, window=48, group_size=16),
 }
 ALL = {"full": dict(policy="full"), **TIGHT}
-BUDGETED = ("evict", "evict_shifted", "evict_tova", "evict_h2o", "evict_snapkv", "hybrid")
+BUDGETED = ("evict", "evict_shifted", "evict_tova", "evict_tova_pooled", "evict_h2o", "evict_snapkv", "hybrid")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -325,6 +326,7 @@ PAD_CFG = {
     "evict": dict(policy="evict", budget=10, window=4),  # budget < the short row's 12 or 13 tokens
     "evict_shifted": dict(policy="evict", budget=10, window=4, positions="shifted"),
     "evict_tova": dict(policy="evict", budget=10, window=4, score="tova"),
+    "evict_tova_pooled": dict(policy="evict", budget=10, window=4, score="tova-pooled"),
     "evict_h2o": dict(policy="evict", budget=10, window=4, score="h2o"),
     "evict_snapkv": dict(policy="evict", budget=10, window=4, score="snapkv"),
     "quantize": dict(policy="quantize", bits=2, window=4, group_size=4),

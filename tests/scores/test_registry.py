@@ -63,10 +63,10 @@ def test_the_built_cache_records_its_scorer(tiny, score):
 
 
 
-def test_the_default_scorer_is_tova_with_the_model_and_keynorm_without(tiny):
+def test_the_default_scorer_is_pooled_tova_with_the_model_and_keynorm_without(tiny):
     m = tiny("llama", "sdpa")
-    assert DEFAULT_SCORE == "tova" and QUERY_FREE_SCORE == "keynorm"
-    assert SinkCache("evict", budget=16, model=m).describe()["score"] == "tova"
+    assert DEFAULT_SCORE == "tova-pooled" and QUERY_FREE_SCORE == "keynorm"
+    assert SinkCache("evict", budget=16, model=m).describe()["score"] == "tova-pooled"
     assert SinkCache("evict", budget=16).describe()["score"] == "keynorm"  # no queries to read
     assert SinkCache("evict", budget=16, positions="shifted", model=m).describe()["score"] == "keynorm"
     assert SinkCache(EvictPolicy(budget=16), model=m).describe()["score"] == "keynorm"  # an object says what it is
