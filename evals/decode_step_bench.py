@@ -36,6 +36,8 @@ def _step(model, cache, tok: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 def lockstep(model, ids: torch.Tensor, spec_a, spec_b, steps: int) -> dict:
     """Prefill both caches, then ``steps`` decode steps alternating A, B; per-step seconds."""
+    from sinkcache.bench import built_config
+
     caches, toks = [], []
     with torch.no_grad():
         for spec in (spec_a, spec_b):
@@ -48,7 +50,7 @@ def lockstep(model, ids: torch.Tensor, spec_a, spec_b, steps: int) -> dict:
             for i in (0, 1):
                 toks[i], dt = _step(model, caches[i], toks[i])
                 times[i].append(dt)
-    built = [c.describe() if hasattr(c, "describe") else {"class": type(c).__name__} for c in caches]
+    built = [built_config(c) for c in caches]
     for c in caches:
         if hasattr(c, "detach"):
             c.detach()

@@ -232,33 +232,27 @@ def test_fit_budget_keeps_a_cells_own_window():
     assert fit_budget(dict(base, window=None), 0.25, 400, "default")["window"] is None  # the policy's default
 
 
+def _built_at_400(cell: Cell, model, tok) -> dict:
+    """``describe()`` of the cache ``cell`` builds for a 400-token request."""
+    lm = build_lm(cell, "tiny", model=model, tokenizer=tok)
+    lm._n_ctx = 400
+    cache = lm.make_cache()
+    try:
+        return cache.describe()
+    finally:
+        cache.detach()
+
+
 def test_tova_w32_cell_builds_a_32_token_window(model, tok):
-    lm = build_lm(Cell("sink-evict-tova-w32", budget=25.0), "tiny", model=model, tokenizer=tok)
-    lm._n_ctx = 400
-    cache = lm.make_cache()
-    try:
-        d = cache.describe()
-        assert (d["policy"], d["score"], d["window"], d["budget"], d["sinks"]) == ("evict", "tova", 32, 100, "auto")
-    finally:
-        cache.detach()
-    lm = build_lm(Cell("sink-evict-tova", budget=25.0), "tiny", model=model, tokenizer=tok)
-    lm._n_ctx = 400
-    cache = lm.make_cache()
-    try:
-        assert cache.describe()["window"] == 50  # the default window, min(256, budget // 2)
-    finally:
-        cache.detach()
+    d = _built_at_400(Cell("sink-evict-tova-w32", budget=25.0), model, tok)
+    assert (d["policy"], d["score"], d["window"], d["budget"], d["sinks"]) == ("evict", "tova", 32, 100, "auto")
+    # the default window, min(256, budget // 2)
+    assert _built_at_400(Cell("sink-evict-tova", budget=25.0), model, tok)["window"] == 50
 
 
 def test_tova_pooled_cell_builds_the_pooled_scorer(model, tok):
-    lm = build_lm(Cell("sink-evict-tova-pooled", budget=25.0), "tiny", model=model, tokenizer=tok)
-    lm._n_ctx = 400
-    cache = lm.make_cache()
-    try:
-        d = cache.describe()
-        assert (d["score"], d["scorer"], d["sinks"], d["window"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 50)
-    finally:
-        cache.detach()
+    d = _built_at_400(Cell("sink-evict-tova-pooled", budget=25.0), model, tok)
+    assert (d["score"], d["scorer"], d["sinks"], d["window"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 50)
 
 
 def test_compare_budgets_below_one_percent_raise():

@@ -52,15 +52,12 @@ def fit_budget(kw: dict[str, Any], frac: float, n_tokens: int, window_mode: str)
             reserved = n_first
         else:
             reserved = max(n_first, 1) + 1  # room for the first token(s) + at least one measured sink
+        # A cell's own fixed window (e.g. 32) must fit with the sinks and one scored slot; unset
+        # (None) is the policy's own default, min(256, budget // 2).
+        own = int(kw.get("window") or 0) if window_mode == "default" else 0
+        budget = max(budget, own + reserved + 1)
         if window_mode == "rest":
-            budget = max(budget, reserved + 1)
             kw["window"] = budget - reserved
-        elif kw.get("window") is not None:
-            # A cell's own fixed window (e.g. 32): the budget must hold it, the sinks and one scored slot.
-            budget = max(budget, int(kw["window"]) + reserved + 1)
-        else:
-            budget = max(budget, reserved + 1)
-            kw["window"] = None  # the policy's own default, min(256, budget // 2)
     elif kw["policy"] == "hybrid":
         # Unset knobs are the policy's own defaults (window 128, group 64), not 0.
         window = HybridPolicy.window if kw.get("window") is None else int(kw["window"])

@@ -14,15 +14,25 @@ import torch
 from .base import Scorer
 
 
-def pool_over_heads(x: torch.Tensor, pos: torch.Tensor, seen: int) -> torch.Tensor:
+def pool_over_heads(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Per-column mean over kv-heads of ``x`` ``[B, H, T]``, where ``pos`` ``[B, H, T]`` is each
-    slot's column (``< seen``); returned at every slot that holds the column, ``[B, H, T]``."""
-    b = x.shape[0]
-    col = pos.long().reshape(b, -1)
-    flat = x.reshape(b, -1)
-    total = flat.new_zeros(b, seen).scatter_add_(1, col, flat)
-    heads = flat.new_zeros(b, seen).scatter_add_(1, col, torch.ones_like(flat))
-    return (total / heads.clamp_min(1)).gather(1, col).view_as(x)
+    slot's column (ascending along T, as held tokens are); returned at every slot that holds the
+    column, ``[B, H, T]``.
+
+    Each head's columns are looked up in every other head's (``searchsorted``): O(H^2 T log T) on
+    what is held, nothing proportional to the stream length (no ``[B, seen]`` buffer per step).
+    """
+    b, h, t = x.shape
+    if h == 1:
+        return x
+    # [B, G, H, T]: head h's columns searched in head g's sorted columns.
+    held = pos.unsqueeze(2).expand(b, h, h, t).reshape(-1, t)
+    want = pos.unsqueeze(1).expand(b, h, h, t).reshape(-1, t)
+    idx = torch.searchsorted(held, want).clamp_(max=t - 1)
+    hit = held.gather(1, idx) == want
+    got = x.unsqueeze(2).expand(b, h, h, t).reshape(-1, t).gather(1, idx) * hit
+    # every column is held by its own head, so the count is >= 1
+    return got.view(b, h, h, t).sum(1) / hit.view(b, h, h, t).sum(1)
 
 
 class PooledTOVAScorer(Scorer):
@@ -32,4 +42,4 @@ class PooledTOVAScorer(Scorer):
     def update(self, score, attn, n_queries, pos, seen, q_len):
         # attn is already averaged over each kv group's query heads; with equal groups, the mean
         # over kv-heads is the mean over all query heads (kvpress: attn_weights.mean(1)).
-        return pool_over_heads(attn, pos, seen)
+        return pool_over_heads(attn, pos)

@@ -34,9 +34,28 @@ def test_pooling_is_per_column_when_heads_hold_different_tokens():
     # head 0 holds columns 0, 1, 3; head 1 holds 0, 2, 3 (e.g. a measured sink only head 1 kept)
     pos = torch.tensor([[[0, 1, 3], [0, 2, 3]]], dtype=torch.int32)
     x = torch.tensor([[[0.2, 0.4, 0.6], [0.4, 0.8, 0.0]]])
-    got = pool_over_heads(x, pos, seen=4)
+    got = pool_over_heads(x, pos)
     want = torch.tensor([[[0.3, 0.4, 0.3], [0.3, 0.8, 0.3]]])  # a column held by one head keeps its own score
     torch.testing.assert_close(got, want)
+
+
+def _pool_by_scatter(x, pos, seen):
+    """Reference: a [B, seen] buffer per column (what the scorer first did)."""
+    b = x.shape[0]
+    col, flat = pos.long().reshape(b, -1), x.reshape(b, -1)
+    total = flat.new_zeros(b, seen).scatter_add_(1, col, flat)
+    heads = flat.new_zeros(b, seen).scatter_add_(1, col, torch.ones_like(flat))
+    return (total / heads.clamp_min(1)).gather(1, col).view_as(x)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pooling_matches_a_per_column_scatter(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, t, seen = 2, 3, 12, 40
+    pos = torch.stack([torch.randperm(seen, generator=g)[:t].sort().values for _ in range(b * h)]).view(b, h, t).int()
+    pos[:, :, :3] = torch.arange(3, dtype=torch.int32)  # shared columns (the sinks) in every head
+    x = torch.rand(b, h, t, generator=g)
+    torch.testing.assert_close(pool_over_heads(x, pos), _pool_by_scatter(x, pos, seen), atol=0, rtol=1e-6)
 
 
 def test_pooled_eviction_keeps_one_token_set_per_layer(tiny):
