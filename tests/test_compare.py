@@ -442,6 +442,18 @@ def test_fork_shards_split_the_group_into_resumable_pieces(tmp_path):
         run_sweep("tiny", cells, tmp_path / "x", limit=6, fork_shards=0, runner=_fake_runner([]), progress=False)
 
 
+def test_a_single_in_package_cell_is_dealt_over_shards_only_when_asked(tmp_path):
+    cells = plan(["sink-quant"], [50], [2], tasks=["sinkcache_passkey"])
+    specs: list[dict] = []
+    run_sweep("tiny", cells, tmp_path / "one", limit=6, jobs=1, runner=_fake_runner(specs), progress=False)
+    assert [s["cell"]["policy"] for s in specs] == ["sink-quant"] and not any("cells" in s for s in specs)
+    specs.clear()
+    run_sweep("tiny", cells, tmp_path / "two", limit=6, jobs=2, fork_shards=2, runner=_fake_runner(specs), progress=False)
+    assert [(s["shard"], s["shards"], len(s["cells"])) for s in specs] == [(0, 2, 1), (1, 2, 1)]
+    rec = json.loads((tmp_path / "two" / "cells" / "sink-quant_2bit.json").read_text())
+    assert rec["n_docs"] == {"sinkcache_passkey": 6} and rec["fork"]["members"] == 1 and rec["fork"]["shards"] == 2
+
+
 def test_report_covers_every_finished_cell_and_keeps_each_command(tmp_path):
     from sinkcache.compare import run_compare
 

@@ -102,3 +102,18 @@ def test_pairs_at_unequal_measured_bytes_are_flagged():
     comps[1]["kv_ratio_ours"], comps[1]["kv_ratio_other"] = 0.245, 0.171
     md = pairs_table(comps)
     assert md.count("**not matched**") == 1 and "(**not matched**: ours 1.43x)" in md
+
+
+def test_rounding_sized_bits_per_byte_difference_is_a_tie():
+    # two cells that keep the same tokens differ by float rounding only: resolved, but not a loss
+    from sinkcache.compare.report import PPL_NEGLIGIBLE_BITS, paired
+    from sinkcache.compare.plan import PPL_TASK
+
+    full, kivi, ours, _ = _grid()
+    n = 40
+    kivi["docs"][PPL_TASK] = {str(i): (-1000.0 - i, 2000.0) for i in range(n)}
+    ours["docs"][PPL_TASK] = {str(i): (-1000.0 - i - 1e-4, 2000.0) for i in range(n)}  # ~7e-8 bits/byte worse
+    d = paired(kivi, ours, [PK], iters=500)["bits_per_byte"]
+    assert 0 < d["low"] and d["high"] < PPL_NEGLIGIBLE_BITS and d["verdict"] == "tie"
+    ours["docs"][PPL_TASK] = {str(i): (-1000.0 - i - 1.0, 2000.0) for i in range(n)}  # ~7e-4 bits/byte worse
+    assert paired(kivi, ours, [PK], iters=500)["bits_per_byte"]["verdict"] == "loss"

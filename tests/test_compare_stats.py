@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sinkcache.compare.stats import bootstrap_mean, paired_difference, verdict
+from sinkcache.compare.stats import Interval, bootstrap_mean, paired_difference, verdict
 
 
 def test_interval_contains_the_mean_and_shrinks_with_n():
@@ -77,3 +77,17 @@ def test_ratio_of_sums_is_bits_per_byte_and_pairs():
     assert diff.high < 0 and diff.excludes_zero()
     with pytest.raises(ValueError, match="paired"):
         ratio_of_sums([1.0], [1.0])
+
+
+def test_verdict_negligible_interval_is_a_tie():
+    # resolved but tiny (float rounding between caches that keep the same tokens): a tie, not a loss
+    tiny = Interval(mean=2e-7, low=1e-7, high=3e-7, n=600, level=0.95, iters=2000)
+    assert verdict(tiny, higher_is_better=False) == "loss"
+    assert verdict(tiny, higher_is_better=False, negligible=1e-4) == "tie"
+    real = Interval(mean=0.01, low=0.005, high=0.015, n=600, level=0.95, iters=2000)
+    assert verdict(real, higher_is_better=False, negligible=1e-4) == "loss"
+    # an interval that reaches past the margin on one side is not negligible
+    edge = Interval(mean=5e-5, low=1e-5, high=2e-4, n=600, level=0.95, iters=2000)
+    assert verdict(edge, higher_is_better=True, negligible=1e-4) == "win"
+    with pytest.raises(ValueError, match="negligible=-1"):
+        verdict(real, higher_is_better=True, negligible=-1)

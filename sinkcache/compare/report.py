@@ -30,6 +30,11 @@ _EVICT_OURS = (
 BASELINE_OF = {
     **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-hybrid": "nosink-hybrid",
 }
+#: Bits/byte differences wholly inside +-this are ties whatever their interval says: the smallest
+#: difference anyone would act on is orders of magnitude larger, while two cells that keep the same
+#: tokens still differ by float rounding (~1e-7 bits/byte; gemma3's pooled vs per-head TOVA).
+PPL_NEGLIGIBLE_BITS = 1e-4
+
 _EVICT_PEERS = ("streamingllm", "kvpress-streaming_llm", "kvpress-snapkv", "kvpress-knorm", "kvpress-tova", "kvpress-expected_attention")
 #: ours -> the peers it is compared with at the same nominal setting (the attention-scored evictions
 #: are also compared with the key-norm one).
@@ -126,7 +131,7 @@ def paired(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, iters: int
     if len(shared) >= 2:
         num = [(-pb[i][0] + pa[i][0]) / math.log(2) for i in shared]
         iv = ratio_of_sums(num, [pa[i][1] for i in shared], iters=iters)
-        out["bits_per_byte"] = iv.to_dict() | {"verdict": verdict(iv, higher_is_better=False)}
+        out["bits_per_byte"] = iv.to_dict() | {"verdict": verdict(iv, higher_is_better=False, negligible=PPL_NEGLIGIBLE_BITS)}
     return out
 
 
@@ -307,10 +312,12 @@ def provenance(records: list[dict[str, Any]]) -> str:
 
 def fork_sentence(fork: dict[str, Any]) -> str:
     """How the in-package cells ran; the wall time only where the pieces ran all at once."""
+    one = fork["members"] == 1
     head = (
-        f"The {fork['members']} in-package cells" + (f" at {fork['limit']} documents per task" if fork.get("limit") else "")
-        + " ran from one shared prefill per request (`ForkLM`; identical "
-        f"per-document scores to separate runs, `tests/test_fork.py`), documents dealt over {fork['shards']} pieces"
+        (f"The {fork['members']} in-package cells" if not one else "The in-package cell")
+        + (f" at {fork['limit']} documents per task" if fork.get("limit") else "")
+        + (" ran from one shared prefill per request (`ForkLM`; identical " if not one else " ran through `ForkLM` (identical ")
+        + f"per-document scores to separate runs, `tests/test_fork.py`), documents dealt over {fork['shards']} pieces"
     )
     jobs = fork.get("jobs", fork["shards"])
     prefill = f"{fork['prefills']} shared prefills, {fork['shared_prefill_s'] / 60:.1f} CPU-min of them"
@@ -382,7 +389,8 @@ def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any], an
         "## Paired differences at matched settings",
         "",
         "`ours - other` over the documents both cells scored; **win**/**loss** only where the 95% interval excludes 0 "
-        "(otherwise the difference is not resolved at this many documents). Pairs share the nominal setting; where "
+        "(otherwise the difference is not resolved at this many documents); a bits/byte interval lying wholly within "
+        f"+-{PPL_NEGLIGIBLE_BITS:g} is a tie (float rounding between caches that keep the same tokens). Pairs share the nominal setting; where "
         "the measured bytes differ by more than 10% the KV column says **not matched**, and the verdict is not one "
         "at equal memory.",
         "",

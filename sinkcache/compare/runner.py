@@ -166,13 +166,15 @@ def run_sweep(
 
     from .cell import forkable
 
-    group = [c for c in todo if fork and forkable(c)]
-    if len(group) < 2:
-        group = []  # nothing to share
-    job_list: list[_Job] = []
     shards = int(fork_shards) if fork_shards is not None else max(1, int(world if world > 1 else jobs))
     if shards < 1:
         raise ValueError(f"fork_shards={fork_shards!r}: must be a positive integer")
+    group = [c for c in todo if fork and forkable(c)]
+    if len(group) < 2 and shards < 2:
+        group = []  # one cell in one process: nothing to share, nothing to deal out
+    # A single in-package cell still goes through the fork path when there are several shards:
+    # its documents are dealt over the processes (and finished pieces are kept), as for a group.
+    job_list: list[_Job] = []
     for k in range(shards if group else 0):
         keys = [key[c.cell_id] for c in group]
         spec = dict(base, cells=[c.to_dict() for c in group], keys=keys, shard=k, shards=shards)

@@ -65,9 +65,17 @@ def paired_difference(
     return bootstrap_mean([y - x for x, y in zip(a, b)], iters=iters, level=level, seed=seed)
 
 
-def verdict(diff: Interval, *, higher_is_better: bool) -> str:
-    """``"win"`` / ``"loss"`` for ``b`` against ``a`` only when the interval excludes zero, else ``"tie"``."""
-    if not diff.excludes_zero():
+def verdict(diff: Interval, *, higher_is_better: bool, negligible: float = 0.0) -> str:
+    """``"win"`` / ``"loss"`` for ``b`` against ``a`` only when the interval excludes zero, else ``"tie"``.
+
+    ``negligible``: an interval lying wholly inside ``(-negligible, +negligible)`` is a ``"tie"``
+    even when it excludes zero. Two caches that keep the same tokens can differ by float rounding
+    (a different summation order), and a 1e-7 bits/byte difference resolved over hundreds of
+    documents is not a loss anyone can observe.
+    """
+    if negligible < 0:
+        raise ValueError(f"negligible={negligible!r} must be >= 0")
+    if not diff.excludes_zero() or max(abs(diff.low), abs(diff.high)) < negligible:
         return "tie"
     better = diff.mean > 0 if higher_is_better else diff.mean < 0
     return "win" if better else "loss"
