@@ -198,6 +198,8 @@ def test_sinkcache_eval_sinks_none_records_no_sinks(ckpt, tmp_path, capsys):
         (Cell("sink-evict", budget=25.0), (EvictPolicy, "AutoSinks", 1)),
         (Cell("sink-hybrid", bits=4, budget=50.0), (HybridPolicy, "AutoSinks", 1)),
         (Cell("full"), (FullPolicy, NoSinks, 0)),
+        (Cell("sink-quant-refine", bits=2), (QuantizePolicy, FirstSinks, 1)),
+        (Cell("sink-quant-auto-refine", bits=2), (QuantizePolicy, "AutoSinks", 1)),
     ],
 )
 def test_compare_cells_build_what_they_name(model, tok, cell, expect):
@@ -210,6 +212,8 @@ def test_compare_cells_build_what_they_name(model, tok, cell, expect):
         assert sel.__name__ == (expect[1] if isinstance(expect[1], str) else expect[1].__name__)
         if cell.budget is not None:
             assert cache.policy.budget == pytest.approx(cell.budget / 100 * 400, abs=1) or cell.policy == "sink-hybrid"
+        refine = getattr(cache.policy, "refine", None)
+        assert (refine.share if refine is not None else None) == (0.14 if "refine" in cell.policy else None)
     finally:
         cache.detach()
 

@@ -28,7 +28,7 @@ _EVICT_OURS = (
     "sink-evict", "sink-evict-tova", "sink-evict-tova-w32", "sink-evict-tova-pooled", "sink-evict-snapkv", "sink-evict-h2o",
 )
 BASELINE_OF = {
-    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-hybrid": "nosink-hybrid",
+    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-quant-auto-refine": "kivi", "sink-hybrid": "nosink-hybrid",
 }
 #: Bits/byte differences wholly inside +-this are ties whatever their interval says: the smallest
 #: difference anyone would act on is orders of magnitude larger, while two cells that keep the same
@@ -45,6 +45,7 @@ PEERS_OF = {
     **{p: ("sink-evict-tova", "sink-evict", *_EVICT_PEERS) for p in ("sink-evict-tova-w32", "sink-evict-tova-pooled")},
     "sink-quant": ("hf-quanto", "hf-hqq"),
     "sink-quant-refine": ("sink-quant", "hf-quanto", "hf-hqq"),
+    "sink-quant-auto-refine": ("sink-quant", "sink-quant-refine", "hf-quanto", "hf-hqq"),
 }
 
 
