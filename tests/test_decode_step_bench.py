@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import prompt
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
@@ -30,6 +32,19 @@ def test_lockstep_times_every_step_of_both_caches_and_records_what_was_built(tin
     a, b = run["built"]
     assert (a["bits"], a["refine"], a["sinks"]) == (2, None, "first")
     assert b["refine"] == {"share": 0.14, "bits": 2, "score": "keynorm"}
+    assert [len(t) for t in run["tokens"]] == [4, 4]  # what each cache decoded, step by step
+
+
+def test_prompts_are_seeded_random_tokens_or_held_out_text(byte_tok):
+    mod = _load()
+    r = mod.prompt_ids("random", None, 300, 64)
+    assert r.shape == (1, 64) and torch.equal(r, mod.prompt_ids("random", None, 300, 64))
+    t = mod.prompt_ids("text", byte_tok, 300, 64)
+    assert t.shape == (1, 64)
+    text = byte_tok.decode(t[0].tolist())
+    assert any(c in text for c in ".,:()") and not torch.equal(t, r)  # natural text, with punctuation
+    with pytest.raises(SystemExit, match="allowed: random, text"):
+        mod.prompt_ids("noise", byte_tok, 300, 64)
 
 
 def test_bootstrap_interval_brackets_the_median():
