@@ -80,6 +80,25 @@ def project_q(
     return apply_rope(q, cos[:, -w:], sin[:, -w:]).float()
 
 
+#: Attribute where the ``q_proj`` hook leaves a one-token forward's projected query for the module.
+_CAUGHT_Q = "_sinkcache_q"
+
+
+def catch_q(proj, args, output) -> None:
+    """A forward hook for ``q_proj``: keep a decode step's projected query for the hooks that
+    measure attention, so they do not project it a second time (one more weight read per layer)."""
+    # Decode steps only (one token: tiny); any longer forward clears it, so a caught query is
+    # always this forward's own. Longer forwards recompute their (few observed) queries.
+    setattr(proj, _CAUGHT_Q, output if output.dim() == 3 and output.shape[1] == 1 else None)
+
+
+def caught_query(module: Any, hs: torch.Tensor) -> torch.Tensor | None:
+    """This one-token forward's projected query ``[B, 1, Hq * D]``, when :func:`catch_q` caught it
+    for this batch; else ``None``."""
+    caught = getattr(module.q_proj, _CAUGHT_Q, None) if hs.shape[1] == 1 else None
+    return None if caught is None or caught.shape[0] != hs.shape[0] else caught
+
+
 def layer_keys(layer: Any, t: int) -> torch.Tensor | None:
     """The post-RoPE keys ``[B, Hk, t, D]`` (float32) that the last forward of ``t`` tokens gave
     ``layer``, when it still holds them exactly (see ``CompressingLayer.newest_keys``); else ``None``."""

@@ -91,6 +91,8 @@ def default_specs(budget: int = BUDGET, profile: str | None = None) -> list[Cach
         CacheSpec("full", "SinkCache full", "sinkcache", dict(policy="full")),
         CacheSpec("evict", f"evict budget {budget}, first-token sink", "sinkcache", dict(policy="evict", budget=budget)),
         CacheSpec("evict-nosink", f"evict budget {budget}, no sinks", "sinkcache", dict(policy="evict", budget=budget, sinks="none")),
+        # the demo's eviction row: measured sinks (against "evict", first-token sink, it is what auto costs)
+        CacheSpec("evict-auto", f"evict budget {budget}, measured sinks", "sinkcache", dict(policy="evict", budget=budget, sinks="auto")),
         CacheSpec("int4", "quantize int4, first-token sink", "sinkcache", dict(policy="quantize", bits=4)),
         CacheSpec("int4-profile", "quantize int4, sinks from profile", "sinkcache", dict(policy="quantize", bits=4, profile=profile)),
         CacheSpec("int4-nosink", "quantize int4, no sinks (KIVI)", "sinkcache", dict(policy="quantize", bits=4, sinks="none")),

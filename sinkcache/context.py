@@ -45,6 +45,16 @@ class TokenContext:
             else:
                 self.ids = torch.cat([self.ids[:, :past], ids], dim=1)
 
+    def max_pad(self, batch: int) -> int:
+        """The most leading pad columns of any row, as a Python int, computed once per forward
+        (every observed layer asks; one host read per forward instead of one per layer)."""
+        key = (self.forwards, batch, id(self.pad))
+        memo = getattr(self, "_max_pad_memo", None)
+        if memo is None or memo[0] != key:
+            value = 0 if self.pad is None or self.pad.shape[0] != batch or not self.pad.numel() else int(self.pad.max())
+            memo = self._max_pad_memo = (key, value)
+        return memo[1]
+
     def pad_counts(self, batch: int, device: torch.device) -> torch.Tensor:
         """``[B]`` leading pad columns (zeros if the padding mask was never seen)."""
         if self.pad is None or self.pad.shape[0] != batch:

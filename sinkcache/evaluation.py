@@ -908,9 +908,22 @@ def _scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def _env_report_once() -> None:
+    """Make torch's environment report, which lm-eval records on every ``simple_evaluate``, run once
+    per process. It shells out to pip, nvidia-smi, ... (~7 s on the 2-core CI machine), and a
+    compare shard evaluates once per policy: 13 policies paid ~90 s for the same text."""
+    import functools
+
+    import torch.utils.collect_env as collect_env
+
+    if not hasattr(collect_env.get_pretty_env_info, "cache_info"):  # not wrapped yet
+        collect_env.get_pretty_env_info = functools.lru_cache(maxsize=1)(collect_env.get_pretty_env_info)
+
+
 def _simple_evaluate(lm, tasks, *, num_fewshot, batch_size, limit, task_manager, log_samples, apply_chat_template, seed, bootstrap_iters, progress, samples=None):
     import lm_eval
 
+    _env_report_once()
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,

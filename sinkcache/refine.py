@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from .attention import CacheHooks, attention_modules, project_q
+from .attention import CacheHooks, attention_modules, catch_q, caught_query, project_q
 from .quant import check_bits
-from .scores.observe import _catch_q, caught_query
 
 #: Queries whose attention ranks a block at its flush (the last positions before it).
 OBS_QUERIES = 32
@@ -79,7 +78,7 @@ class RecentQueries(CacheHooks):
         super().attach(model, cache)
         # A decode step's projected query, caught from q_proj so it is not projected twice.
         for _, module in attention_modules(model):
-            self._handles.append(module.q_proj.register_forward_hook(_catch_q))
+            self._handles.append(module.q_proj.register_forward_hook(catch_q))
 
     def on_forward(self, idx: int, module: Any, cache: Any, hs: torch.Tensor | None, pe: Any) -> None:
         layer = cache.layers[idx]

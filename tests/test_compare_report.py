@@ -106,8 +106,8 @@ def test_pairs_at_unequal_measured_bytes_are_flagged():
 
 def test_rounding_sized_bits_per_byte_difference_is_a_tie():
     # two cells that keep the same tokens differ by float rounding only: resolved, but not a loss
-    from sinkcache.compare.report import PPL_NEGLIGIBLE_BITS, paired
     from sinkcache.compare.plan import PPL_TASK
+    from sinkcache.compare.report import PPL_NEGLIGIBLE_BITS, paired
 
     full, kivi, ours, _ = _grid()
     n = 40

@@ -283,7 +283,7 @@ def test_bench_rows_are_labelled_from_the_built_cache(model):
     from sinkcache.bench import CacheSpec, built_config, built_label, default_specs
 
     specs = {s.name: s for s in default_specs(budget=64)}
-    for name, sel in (("int4", "FirstSinks"), ("int4-nosink", "NoSinks"), ("evict-nosink", "NoSinks")):
+    for name, sel in (("int4", "FirstSinks"), ("int4-nosink", "NoSinks"), ("evict-nosink", "NoSinks"), ("evict-auto", "AutoSinks")):
         cfg = built_config(specs[name].build(model))
         assert cfg["sink_selector"] == sel
         assert ("no sinks" in built_label(cfg)) == (sel == "NoSinks")

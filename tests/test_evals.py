@@ -464,3 +464,19 @@ def test_real_model_passkey_smoke():
     assert full["scores"]["sinkcache_passkey"]["exact_match,first_number"] == 1.0  # 512/1024-token needles
     assert comp["memory"]["mean_memory_bytes"] < full["memory"]["mean_memory_bytes"]
     assert full["memory"]["ratio_vs_full"] == pytest.approx(1.0)
+
+
+def test_torch_env_report_runs_once_per_process(monkeypatch):
+    # lm-eval records torch's environment report on every simple_evaluate (it shells out to pip:
+    # seconds each); a compare shard evaluates once per policy, so it must be computed once.
+    import torch.utils.collect_env as collect_env
+
+    from sinkcache.evaluation import _env_report_once
+
+    calls = []
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", lambda: calls.append(1) or "env")
+    _env_report_once()
+    _env_report_once()  # wrapping twice would still be once per process, but must not nest
+    assert [collect_env.get_pretty_env_info() for _ in range(3)] == ["env"] * 3
+    assert calls == [1]
+    assert not hasattr(collect_env.get_pretty_env_info.__wrapped__, "cache_info")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..attention import CacheHooks, attention_modules, project_q
+from ..attention import CacheHooks, attention_modules, catch_q, caught_query, project_q
 
 #: Queries per chunk when a scorer reads every query of a long forward (bounds the score matrix).
 QUERY_CHUNK = 256
@@ -79,16 +79,6 @@ def _one_query(
     return attn.mul_(q_ok.view(b, 1, 1)).nan_to_num_(0.0), q_ok.long()
 
 
-#: Attribute where the ``q_proj`` hook leaves a one-token forward's projected query for the module.
-_CAUGHT_Q = "_sinkcache_q"
-
-
-def _catch_q(proj, args, output) -> None:
-    # Decode steps only (one token: tiny); any longer forward clears it, so a caught query is
-    # always this forward's own. Longer forwards recompute their (few observed) queries.
-    setattr(proj, _CAUGHT_Q, output if output.dim() == 3 and output.shape[1] == 1 else None)
-
-
 class AttentionObserver(CacheHooks):
     """Hooks that feed the attention scorers of ``cache``'s evicting layers (one per cache).
 
@@ -98,7 +88,7 @@ class AttentionObserver(CacheHooks):
     def attach(self, model: Any, cache: Any) -> None:
         super().attach(model, cache)
         for _, module in attention_modules(model):
-            self._handles.append(module.q_proj.register_forward_hook(_catch_q))
+            self._handles.append(module.q_proj.register_forward_hook(catch_q))
 
     def on_forward(self, idx, module, cache, hs, pe) -> None:
         layer = cache.layers[idx]
@@ -111,12 +101,6 @@ class AttentionObserver(CacheHooks):
                 f"{type(module).__name__} does not pass them (use score='keynorm')"
             )
         observe_layer(layer, module, hs, pe[0], pe[1], cache.ctx)
-
-
-def caught_query(module: Any, hs: torch.Tensor) -> torch.Tensor | None:
-    """This one-token forward's projected query, when the ``q_proj`` hook caught it for this batch."""
-    caught = getattr(module.q_proj, _CAUGHT_Q, None) if hs.shape[1] == 1 else None
-    return None if caught is None or caught.shape[0] != hs.shape[0] else caught
 
 
 def observe_layer(layer: Any, module: Any, hs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any) -> None:

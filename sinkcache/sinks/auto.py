@@ -39,7 +39,16 @@ from typing import Any
 
 import torch
 
-from ..attention import CacheHooks, attention_modules, layer_keys, project_k, project_q, project_qk
+from ..attention import (
+    CacheHooks,
+    attention_modules,
+    catch_q,
+    caught_query,
+    layer_keys,
+    project_k,
+    project_q,
+    project_qk,
+)
 from ..context import TokenContext
 from .base import SinkSelector
 from .first import FirstSinks
@@ -58,6 +67,12 @@ DEFAULT_BANK = 64
 #: A prefill key must also draw this many times the share uniform attention would give it (this
 #: only binds where queries see few keys, e.g. the start of a prompt, where 1/n is large).
 DEFAULT_MIN_RATIO = 4.0
+
+
+# One decode column's measurement count and kind (``_append`` copies them; never written in place).
+_NOT_MEASURED = torch.zeros(1, dtype=torch.long)
+_DECODED = torch.ones(1, dtype=torch.bool)
+_NO_CANDIDATE = torch.zeros(1, dtype=torch.bool)
 
 
 def window_attention(
@@ -154,6 +169,10 @@ class _LayerState:
     ring_k: torch.Tensor | None = None  # [B, Hk, R, D] the most recent earlier tokens
     ring_col: list[int] = field(default_factory=list)
     ring_ok: torch.Tensor | None = None  # [B, R]
+    # what the decode fast path knows without reading ``cand``: the newest decode candidate's
+    # column, and whether some other path may have left a candidate open (then it reads ``cand``)
+    last_cand: int = -(1 << 62)
+    cand_unsure: bool = True
 
     def end(self) -> int:
         return self.lo + (0 if self.cnt is None else int(self.cnt.numel()))
@@ -214,11 +233,22 @@ class AutoSinks(CacheHooks, SinkSelector):
         self.needs_ids = self.punct_ids is not None
         self._punct_lut: torch.Tensor | None = None
         # The candidate test of the current forward, shared by its layers: (key, [T] bool).
-        self._cand_memo: tuple[tuple, torch.Tensor] | None = None
+        self._cand_memo: tuple[tuple, torch.Tensor, bool] | None = None
+        # Decode tokens go through :meth:`_observe_step` (same measurements, fewer ops); the
+        # general path stays for prefill and the rare decode states it does not cover. Tests
+        # switch it off to check that both paths measure the same.
+        self.fast_decode = True
         self.state: dict[int, _LayerState] = {}
         self._handles: list = []
 
     # ---- hooks (CacheHooks) -------------------------------------------------------------------------
+    def attach(self, model: Any, cache: Any) -> None:
+        super().attach(model, cache)
+        # A decode step's projected query, caught from q_proj so it is not projected twice (the
+        # second projection was ~7% of a smollm2 decode step: one more weight read per layer).
+        for _, module in attention_modules(model):
+            self._handles.append(module.q_proj.register_forward_hook(catch_q))
+
     def on_forward(self, idx, module, cache, hs, pe) -> None:
         if hs is None or pe is None:
             return
@@ -237,6 +267,8 @@ class AutoSinks(CacheHooks, SinkSelector):
         if st.cnt is not None and (st.sum is None or st.sum.shape[0] != b):
             st = self.state[idx] = _LayerState()  # batch changed without a batch op: start over
         self._truncate(st, start)  # columns >= start are being re-fed (crop, assisted decoding)
+        if t == 1 and self.fast_decode and self._observe_step(module, hs, cos, sin, start, ctx, layer, st, b):
+            return
         cols = torch.arange(start, start + t, device=hs.device)
         pad = ctx.pad_counts(b, hs.device)
         valid = cols.view(1, -1) >= pad.view(-1, 1)  # [B, T]
@@ -251,7 +283,7 @@ class AutoSinks(CacheHooks, SinkSelector):
             k = held if held is not None else project_k(module, hs, cos, sin)
             self._append(st, start, torch.zeros(b, k.shape[1], 1, device=hs.device), torch.zeros(1, dtype=torch.long),
                          cand_new, torch.ones(1, dtype=torch.bool))
-            self._add_ring(st, k, cols, valid)
+            self._add_ring(st, k, start, valid)
             return
         if held is not None:
             q, k = project_q(module, hs, cos, sin, w), held
@@ -288,7 +320,97 @@ class AutoSinks(CacheHooks, SinkSelector):
         confirmed = (s_new >= self.threshold).any(1) & valid if t >= 2 else torch.zeros_like(valid)
         self._add_bank(st, k, cols, is_first, first=True)
         self._add_bank(st, k, cols, confirmed & ~is_first)
-        self._add_ring(st, k, cols, valid)
+        self._add_ring(st, k, start, valid)
+        st.cand_unsure = True  # this path may have opened or left open a candidate
+
+    def _observe_step(
+        self, module, hs: torch.Tensor, cos, sin, start: int, ctx: TokenContext, layer: Any, st: _LayerState, b: int
+    ) -> bool:
+        """One decode token, the common case, in few tensor ops; ``False`` (nothing done) where the
+        general path of :meth:`observe` is needed.
+
+        The same measurement as the general path: the new query's softmax over the bank, the ring
+        and its own key; the pending candidates, which are always among the ring's newest
+        ``obs_window`` columns (they collect at most ``obs_window`` queries, one per step), add
+        their share. What it avoids: rebuilding the context from Python lists, index tensors,
+        ``nonzero`` and the host reads that come with them, and the prefill-only masks.
+        """
+        if start < self.n_first + ctx.max_pad(b):
+            return False  # a first token or a padded row is still arriving
+        cand_new, is_cand = self._step_candidate(ctx, start, b, hs.device)
+        # A decode candidate collects one query per step, so one generated within the last
+        # obs_window columns may be open; older ones are closed unless another path ran since.
+        pending = start - st.last_cand <= self.obs_window
+        if not pending and st.cand_unsure:
+            pending = st.cand is not None and bool(st.cand.any())
+            st.cand_unsure = pending
+        if pending and (st.cnt is None or st.cnt.numel() == 0):
+            # the layer consumed the measurements (an evicting layer trims them as it decides): no
+            # candidate is left to collect this query, so only the key is kept, as the general path does
+            pending = False
+        held = layer_keys(layer, 1) if layer is not None else None
+        if pending:
+            n = 0 if st.cnt is None else int(st.cnt.numel())
+            ring_k, ring_ok, rc = st.ring_k, st.ring_ok, st.ring_col
+            L = min(self.obs_window, len(rc), n)
+            usable = (
+                ring_k is not None and ring_ok is not None and L > 0 and ring_k.shape[0] == b
+                and self.context >= self.obs_window  # every pending candidate is in the ring's tail
+                and st.end() == start and rc[-1] == start - 1 and rc[-L] == start - L  # contiguous tail
+                and (st.bank_k is None or st.bank_k.shape[0] == b)
+            )
+            if not usable:
+                return False
+            assert ring_k is not None and ring_ok is not None and st.sum is not None and st.cnt is not None and st.cand is not None
+            if held is not None:
+                q, k = project_q(module, hs, cos, sin, 1, projected=caught_query(module, hs)), held
+            else:
+                q, k = project_qk(module, hs, cos, sin, 1)
+            hk, d = k.shape[1], k.shape[3]
+            keys = [ring_k, k] if st.bank_k is None else [st.bank_k, ring_k, k]
+            dup = bool(st.bank_col) and max(st.bank_col) >= rc[0]
+            if dup:
+                # a column in both the bank and the ring counts once (the general path drops the
+                # ring's copy; here it is masked, which gives it the same zero weight)
+                in_bank = set(st.bank_col)
+                dup_t = torch.tensor([c in in_bank for c in rc], dtype=torch.bool, device=ring_ok.device)
+                ring_ok = ring_ok & ~dup_t.view(1, -1)
+            m_bank = 0 if st.bank_k is None else st.bank_k.shape[2]
+            kk = torch.cat(keys, 2)
+            qg = q.view(b, hk, q.shape[1] // hk, d)  # [B, Hk, r, D]: the one query, per GQA group
+            scores = torch.matmul(qg, kk.transpose(2, 3)).mul_(module.scaling)  # [B, Hk, r, S + R + 1]
+            # One row whose ring starts after its padding: every bank and ring key is usable (a
+            # bank column is only kept for the rows it is a sink of, and one row has it).
+            if dup or b > 1 or rc[0] < ctx.max_pad(b):
+                ok = ring_ok if st.bank_ok is None else torch.cat([st.bank_ok, ring_ok], 1)  # the new key is usable
+                scores[..., : ok.shape[1]].masked_fill_(~ok.view(b, 1, 1, -1), float("-inf"))
+            rec = scores.softmax(-1).mean(2)  # [B, Hk, S + R + 1]
+            end = m_bank + ring_k.shape[2]
+            # the ring's newest L columns are measurements n-L .. n-1; only candidates collect
+            m = st.cand[n - L :]
+            st.sum[:, :, n - L :].addcmul_(rec[..., end - L : end], m.to(st.sum.dtype))
+            cnt = st.cnt[n - L :]
+            cnt += m
+            st.cand[n - L :] &= cnt < self.obs_window
+        else:
+            k = held if held is not None else project_k(module, hs, cos, sin)
+            hk = k.shape[1]
+        self._append(st, start, torch.zeros(b, hk, 1, device=hs.device), _NOT_MEASURED, cand_new, _DECODED)
+        self._add_ring(st, k, start, torch.ones(b, 1, dtype=torch.bool, device=hs.device))
+        if is_cand:
+            st.last_cand = start
+        return True
+
+    def _step_candidate(self, ctx: TokenContext, start: int, b: int, device) -> tuple[torch.Tensor, bool]:
+        """Whether the one token at ``start`` is a candidate: ``([1] bool, as a Python bool)``,
+        looked up once per forward (the tensor is shared: callers only copy it)."""
+        if self.punct_ids is None:
+            return _NO_CANDIDATE, False
+        key = (id(ctx), ctx.forwards, 1, b)
+        if self._cand_memo is None or self._cand_memo[0] != key or not ctx.forwards:
+            cand = self._candidate_now(ctx, torch.arange(start, start + 1, device=device), b)
+            self._cand_memo = (key, cand, bool(cand.any()))
+        return self._cand_memo[1], self._cand_memo[2]
 
     def _is_candidate(self, ctx: TokenContext, cols: torch.Tensor, b: int) -> torch.Tensor:
         if self.punct_ids is None:
@@ -298,7 +420,8 @@ class AutoSinks(CacheHooks, SinkSelector):
         # (Keyed by the forward's count, not by a column read off ``cols``: that would be a sync on CUDA.)
         key = (id(ctx), ctx.forwards, cols.numel(), b)
         if self._cand_memo is None or self._cand_memo[0] != key or not ctx.forwards:
-            self._cand_memo = (key, self._candidate_now(ctx, cols, b))
+            cand = self._candidate_now(ctx, cols, b)
+            self._cand_memo = (key, cand, bool(cand.any()))
         return self._cand_memo[1].clone()  # callers keep and update it in place, per layer
 
     def _candidate_now(self, ctx: TokenContext, cols: torch.Tensor, b: int) -> torch.Tensor:
@@ -334,7 +457,8 @@ class AutoSinks(CacheHooks, SinkSelector):
         self, st: _LayerState, start: int, s: torch.Tensor, c: torch.Tensor, cand: torch.Tensor, dec: torch.Tensor
     ) -> None:
         if st.cnt is None or st.sum is None or st.cand is None or st.dec is None or st.cnt.numel() == 0:
-            st.lo, st.sum, st.cnt, st.cand, st.dec = start, s, c, cand, dec
+            # copies: these are updated in place later, and callers may pass shared constants
+            st.lo, st.sum, st.cnt, st.cand, st.dec = start, s, c.clone(), cand.clone(), dec.clone()
             return
         st.sum = torch.cat([st.sum, s.to(st.sum.device)], dim=2)
         st.cnt = torch.cat([st.cnt, c])
@@ -373,12 +497,14 @@ class AutoSinks(CacheHooks, SinkSelector):
         if kind == "bank":
             st.bank_first = [st.bank_first[i] for i in keep]
 
-    def _add_ring(self, st: _LayerState, k: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> None:
+    def _add_ring(self, st: _LayerState, k: torch.Tensor, start: int, valid: torch.Tensor) -> None:
+        """The newest ``context`` keys of columns ``start ..`` (``k`` ``[B, Hk, T, D]``) join the ring."""
         if self.context == 0:
             return
-        n = min(self.context, k.shape[2])
+        t = k.shape[2]
+        n = min(self.context, t)
         kk, ok = k[:, :, -n:], valid[:, -n:]
-        new_cols = [int(c) for c in cols[-n:].tolist()]
+        new_cols = list(range(start + t - n, start + t))  # consecutive columns: no host read
         if st.ring_k is None or st.ring_ok is None:
             st.ring_k, st.ring_ok, st.ring_col = kk, ok, new_cols
         else:
