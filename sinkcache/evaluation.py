@@ -295,6 +295,16 @@ def _resolve_device(device: str | None) -> str:
     return resolve_device(device)
 
 
+def _model_dtype(dtype: str | torch.dtype | None, device: str) -> str | torch.dtype:
+    """The dtype the lm-eval model loads with: what ``sinkcache eval`` picks (bfloat16 on CUDA,
+    float32 on CPU) when none is given, so ``--model_args`` and the CLI load the same model."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from .placement import resolve_dtype
+
+    return resolve_dtype(_none(dtype), device)
+
+
 class _KVLog:
     """Per-request KV-cache footprint: bytes held vs. what a full (``DynamicCache``) cache holds."""
 
@@ -372,7 +382,9 @@ class SinkCacheLM(HFLM):
             ``sinks=none`` into ``None`` before it reaches this class.
         chunk_size: tokens per forward when streaming text for perplexity
             (``loglikelihood_rolling``).
-        dtype, attn_implementation: passed to ``load_model``.
+        dtype: model dtype name or ``torch.dtype`` (default: bfloat16 on CUDA, float32 on CPU, as
+            ``sinkcache eval``; ``auto``: the checkpoint's own).
+        attn_implementation: passed to ``load_model``.
         device: ``cpu``, ``cuda``, ``cuda:1``, ... (default: CUDA when available). Under
             ``accelerate launch`` each process uses its own device.
         tokenizer: a tokenizer object or path (default: the model's).
@@ -402,7 +414,7 @@ class SinkCacheLM(HFLM):
         profile: Any = None,
         refine: float | None = None,
         chunk_size: int = 128,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
         device: str | None = None,
         tokenizer: Any = None,
@@ -434,6 +446,7 @@ class SinkCacheLM(HFLM):
             accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
             device = str(accelerator.device)
         device = _resolve_device(device)
+        dtype = _model_dtype(dtype, device)
 
         if isinstance(pretrained, str):
             from .models import load_model

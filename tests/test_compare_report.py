@@ -117,3 +117,15 @@ def test_rounding_sized_bits_per_byte_difference_is_a_tie():
     assert 0 < d["low"] and d["high"] < PPL_NEGLIGIBLE_BITS and d["verdict"] == "tie"
     ours["docs"][PPL_TASK] = {str(i): (-1000.0 - i - 1.0, 2000.0) for i in range(n)}  # ~7e-4 bits/byte worse
     assert paired(kivi, ours, [PK], iters=500)["bits_per_byte"]["verdict"] == "loss"
+
+
+def test_provenance_names_where_each_cell_ran():
+    from sinkcache.compare.report import provenance
+
+    recs = [
+        {"limit": 100, "code": "a", "placement": {"device": "cpu", "dtype": "float32"}},
+        {"limit": 100, "code": "a", "placement": {"device": "cuda:0", "dtype": "bfloat16"}},
+        {"limit": 100, "code": "a"},  # an older cell: nothing recorded, and it must say so
+    ]
+    text = provenance(recs)
+    assert "ran on: cpu float32 (1 cell), cuda:0 bfloat16 (1 cell), not recorded (1 cell)" in text

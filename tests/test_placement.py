@@ -84,3 +84,14 @@ def test_cli_eval_with_device_and_dtype_on_cpu(ckpt, tmp_path, capsys):
     assert rc == 0
     cfg = json.loads(out.read_text())["config"]
     assert cfg["device"] == "cpu" and cfg["dtype"] == "bfloat16"  # read back from the model that ran
+
+
+def test_lm_eval_model_dtype_default_matches_the_cli():
+    # `--model_args pretrained=...` without dtype must load what `sinkcache eval` loads on that device
+    from sinkcache.evaluation import _model_dtype
+
+    assert _model_dtype(None, "cpu") == "float32" and _model_dtype(None, "cuda:1") == "bfloat16"
+    assert _model_dtype("none", "cuda") == "bfloat16"  # lm-eval's spelling of an unset argument
+    assert _model_dtype("bf16", "cpu") == "bfloat16" and _model_dtype(torch.float16, "cpu") is torch.float16
+    with pytest.raises(ValueError, match="int8"):
+        _model_dtype("int8", "cpu")

@@ -305,7 +305,16 @@ def provenance(records: list[dict[str, Any]]) -> str:
             n[r.get(field)] = n.get(r.get(field), 0) + 1
         return ", ".join(f"{k if k is not None else 'all'} ({v} cell{'s' if v != 1 else ''})" for k, v in n.items())
 
-    text = f"Documents per task: {count('limit')}; code fingerprint: {count('code')}."
+    def where(r: dict[str, Any]) -> str | None:
+        # read back from the model each cell ran (older cells did not record it)
+        p = r.get("placement") or {}
+        return f"{p['device']} {p['dtype']}" if p.get("device") and p.get("dtype") else None
+
+    places: dict[str | None, int] = {}
+    for r in records:
+        places[where(r)] = places.get(where(r), 0) + 1
+    ran_on = ", ".join(f"{k or 'not recorded'} ({v} cell{'s' if v != 1 else ''})" for k, v in places.items())
+    text = f"Documents per task: {count('limit')}; code fingerprint: {count('code')}; ran on: {ran_on}."
     if len({r.get("limit") for r in records}) > 1:
         text += " Cells at different limits are paired over the documents both scored (the first documents of each task)."
     return text
