@@ -298,23 +298,23 @@ def analyse(records: list[dict[str, Any]], *, iters: int = 2000) -> dict[str, An
 
 
 def provenance(records: list[dict[str, Any]]) -> str:
-    """Which documents-per-task limits and code fingerprints the cells ran at, with cell counts."""
-    def count(field: str) -> str:
+    """Which documents-per-task limits, code fingerprints and devices/dtypes the cells ran at, with cell counts."""
+    def count(key: Any, missing: str = "all") -> str:
         n: dict[Any, int] = {}
         for r in records:
-            n[r.get(field)] = n.get(r.get(field), 0) + 1
-        return ", ".join(f"{k if k is not None else 'all'} ({v} cell{'s' if v != 1 else ''})" for k, v in n.items())
+            k = key(r)
+            n[k] = n.get(k, 0) + 1
+        return ", ".join(f"{k if k is not None else missing} ({v} cell{'s' if v != 1 else ''})" for k, v in n.items())
 
     def where(r: dict[str, Any]) -> str | None:
         # read back from the model each cell ran (older cells did not record it)
         p = r.get("placement") or {}
         return f"{p['device']} {p['dtype']}" if p.get("device") and p.get("dtype") else None
 
-    places: dict[str | None, int] = {}
-    for r in records:
-        places[where(r)] = places.get(where(r), 0) + 1
-    ran_on = ", ".join(f"{k or 'not recorded'} ({v} cell{'s' if v != 1 else ''})" for k, v in places.items())
-    text = f"Documents per task: {count('limit')}; code fingerprint: {count('code')}; ran on: {ran_on}."
+    text = (
+        f"Documents per task: {count(lambda r: r.get('limit'))}; code fingerprint: {count(lambda r: r.get('code'))}; "
+        f"ran on: {count(where, 'not recorded')}."
+    )
     if len({r.get("limit") for r in records}) > 1:
         text += " Cells at different limits are paired over the documents both scored (the first documents of each task)."
     return text

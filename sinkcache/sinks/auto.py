@@ -273,7 +273,8 @@ class AutoSinks(CacheHooks, SinkSelector):
         pad = ctx.pad_counts(b, hs.device)
         valid = cols.view(1, -1) >= pad.view(-1, 1)  # [B, T]
         w = min(self.obs_window, t)
-        cand_new = self._is_candidate(ctx, cols, b) if t == 1 else torch.zeros(t, dtype=torch.bool)
+        # (a copy: it is updated in place, per layer)
+        cand_new = self._step_candidate(ctx, start, b, hs.device)[0].clone() if t == 1 else torch.zeros(t, dtype=torch.bool)
         pending = st.cand is not None and bool(st.cand.any())
         # The keys this forward gave the cache, when the layer still holds them exactly (its recent
         # window): the same post-RoPE keys, without recomputing k_proj, norm and RoPE.
@@ -403,26 +404,18 @@ class AutoSinks(CacheHooks, SinkSelector):
 
     def _step_candidate(self, ctx: TokenContext, start: int, b: int, device) -> tuple[torch.Tensor, bool]:
         """Whether the one token at ``start`` is a candidate: ``([1] bool, as a Python bool)``,
-        looked up once per forward (the tensor is shared: callers only copy it)."""
+        looked up once per forward (the tensor is shared: callers only copy it).
+
+        Every observed layer of a forward asks about the same column: answered once per forward (the
+        ids lookup and its copy to the host were ~2.5 ms of a 140 ms int2 step at 30 layers). Keyed by
+        the forward's count, not by a column read off a tensor: that would be a sync on CUDA."""
         if self.punct_ids is None:
             return _NO_CANDIDATE, False
-        key = (id(ctx), ctx.forwards, 1, b)
+        key = (id(ctx), ctx.forwards, b)
         if self._cand_memo is None or self._cand_memo[0] != key or not ctx.forwards:
             cand = self._candidate_now(ctx, torch.arange(start, start + 1, device=device), b)
             self._cand_memo = (key, cand, bool(cand.any()))
         return self._cand_memo[1], self._cand_memo[2]
-
-    def _is_candidate(self, ctx: TokenContext, cols: torch.Tensor, b: int) -> torch.Tensor:
-        if self.punct_ids is None:
-            return torch.zeros(cols.numel(), dtype=torch.bool)
-        # Every observed layer of a forward asks about the same columns: answer once per forward
-        # (the ids lookup and its copy to the host were ~2.5 ms of a 140 ms int2 step at 30 layers).
-        # (Keyed by the forward's count, not by a column read off ``cols``: that would be a sync on CUDA.)
-        key = (id(ctx), ctx.forwards, cols.numel(), b)
-        if self._cand_memo is None or self._cand_memo[0] != key or not ctx.forwards:
-            cand = self._candidate_now(ctx, cols, b)
-            self._cand_memo = (key, cand, bool(cand.any()))
-        return self._cand_memo[1].clone()  # callers keep and update it in place, per layer
 
     def _candidate_now(self, ctx: TokenContext, cols: torch.Tensor, b: int) -> torch.Tensor:
         assert self.punct_ids is not None
