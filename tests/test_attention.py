@@ -7,7 +7,7 @@ import torch
 from conftest import prompt
 
 from sinkcache import SinkCache
-from sinkcache.attention import CacheHooks, layer_keys, project_k
+from sinkcache.attention import CacheHooks, apply_rope, layer_keys, project_k, rope_last
 
 
 class _Collect(CacheHooks):
@@ -49,3 +49,36 @@ def test_no_keys_where_the_layer_does_not_hold_them_exactly(tiny):
     with torch.inference_mode():
         model(input_ids=prompt(20), past_key_values=q, use_cache=True)
     assert layer_keys(q.layers[0], 21) is None and layer_keys(q.layers[0], 20) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w", [1, 3, 7])
+def test_rope_last_is_apply_rope_bit_for_bit(dtype, w):
+    g = torch.Generator().manual_seed(0)
+    cos = torch.randn(2, 7, 64, generator=g).to(dtype)
+    sin = torch.randn(2, 7, 64, generator=g).to(dtype)
+    for _ in range(2):  # the second call is served by the per-forward tables
+        x = torch.randn(2, 9, w, 64, generator=g).to(dtype)
+        assert torch.equal(rope_last(x, cos, sin), apply_rope(x, cos[:, -w:], sin[:, -w:]))
+
+
+def test_rope_last_tables_follow_new_and_edited_embeddings():
+    """The shared tables are rebuilt for another forward's embeddings and after an in-place edit,
+    never served stale."""
+    g = torch.Generator().manual_seed(1)
+    cos, sin = torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+    x = torch.randn(1, 2, 1, 8, generator=g)
+    rope_last(x, cos, sin)
+    cos2, sin2 = torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+    assert torch.equal(rope_last(x, cos2, sin2), apply_rope(x, cos2[:, -1:], sin2[:, -1:]))
+    sin2.mul_(-0.5)  # same object, new values
+    assert torch.equal(rope_last(x, cos2, sin2), apply_rope(x, cos2[:, -1:], sin2[:, -1:]))
+
+
+def test_rope_last_scale_is_the_scaled_rotation():
+    g = torch.Generator().manual_seed(2)
+    cos, sin = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    x = torch.randn(1, 3, 2, 16, generator=g)
+    plain = rope_last(x, cos, sin)
+    torch.testing.assert_close(rope_last(x, cos, sin, 0.125), plain * 0.125)
+    assert torch.equal(rope_last(x, cos, sin), plain)  # the scaled tables are not served unscaled

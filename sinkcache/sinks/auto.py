@@ -69,9 +69,7 @@ DEFAULT_BANK = 64
 DEFAULT_MIN_RATIO = 4.0
 
 
-# One decode column's measurement count and kind (``_append`` copies them; never written in place).
-_NOT_MEASURED = torch.zeros(1, dtype=torch.long)
-_DECODED = torch.ones(1, dtype=torch.bool)
+# A decode column that is not a candidate (shared: callers only copy it).
 _NO_CANDIDATE = torch.zeros(1, dtype=torch.bool)
 
 
@@ -173,6 +171,17 @@ class _LayerState:
     # column, and whether some other path may have left a candidate open (then it reads ``cand``)
     last_cand: int = -(1 << 62)
     cand_unsure: bool = True
+    # Preallocated storage behind the decode fast path, so a step writes one key and moves views
+    # instead of concatenating (six ``torch.cat`` per layer per step before). ``ring_k``/``ring_ok``
+    # and the measurement rows are views into these for as long as only the fast path touched them;
+    # any other path assigns new tensors, and the next fast step rebuilds the storage from them.
+    ring_buf: torch.Tensor | None = None  # [B, Hk, 2 * context, D]
+    ring_okbuf: torch.Tensor | None = None  # [B, 2 * context]; True from ring_end on
+    ring_end: int = 0  # buffer column after the ring's newest key
+    ring_view: torch.Tensor | None = None  # the ring_k this storage produced
+    m_bufs: tuple | None = None  # (sum [B, Hk, cap], cnt [cap], cand [cap], dec [cap])
+    m_end: int = 0  # buffer slot after the newest row; every slot from here on holds the defaults
+    m_view: torch.Tensor | None = None  # the sum this storage produced
 
     def end(self) -> int:
         return self.lo + (0 if self.cnt is None else int(self.cnt.numel()))
@@ -234,9 +243,9 @@ class AutoSinks(CacheHooks, SinkSelector):
         self._punct_lut: torch.Tensor | None = None
         # The candidate test of the current forward, shared by its layers: (key, [T] bool).
         self._cand_memo: tuple[tuple, torch.Tensor, bool] | None = None
-        # Decode tokens go through :meth:`_observe_step` (same measurements, fewer ops); the
-        # general path stays for prefill and the rare decode states it does not cover. Tests
-        # switch it off to check that both paths measure the same.
+        # Decode tokens go through :meth:`_observe_step` and one-column marks through
+        # :meth:`_mark_unmeasured` (same results, fewer ops); the general paths stay for prefill and
+        # the states these do not cover. Tests switch it off to check that both give the same.
         self.fast_decode = True
         self.state: dict[int, _LayerState] = {}
         self._handles: list = []
@@ -263,8 +272,10 @@ class AutoSinks(CacheHooks, SinkSelector):
         """Measure one forward of layer ``idx`` (``hs`` ``[B, T, D]``, its first column ``start``);
         ``layer``: the cache layer that forward updated (its exact recent keys are reused)."""
         b, t = hs.shape[0], hs.shape[1]
-        st = self.state.setdefault(idx, _LayerState())
-        if st.cnt is not None and (st.sum is None or st.sum.shape[0] != b):
+        st = self.state.get(idx)
+        if st is None:
+            st = self.state[idx] = _LayerState()
+        elif st.cnt is not None and (st.sum is None or st.sum.shape[0] != b):
             st = self.state[idx] = _LayerState()  # batch changed without a batch op: start over
         self._truncate(st, start)  # columns >= start are being re-fed (crop, assisted decoding)
         if t == 1 and self.fast_decode and self._observe_step(module, hs, cos, sin, start, ctx, layer, st, b):
@@ -364,43 +375,120 @@ class AutoSinks(CacheHooks, SinkSelector):
                 return False
             assert ring_k is not None and ring_ok is not None and st.sum is not None and st.cnt is not None and st.cand is not None
             if held is not None:
-                q, k = project_q(module, hs, cos, sin, 1, projected=caught_query(module, hs)), held
+                # the query comes pre-multiplied by the softmax scale (folded into the RoPE tables)
+                q = project_q(module, hs, cos, sin, 1, projected=caught_query(module, hs), scale=module.scaling)
+                k = held
             else:
                 q, k = project_qk(module, hs, cos, sin, 1)
+                q = q * module.scaling
             hk, d = k.shape[1], k.shape[3]
-            keys = [ring_k, k] if st.bank_k is None else [st.bank_k, ring_k, k]
             dup = bool(st.bank_col) and max(st.bank_col) >= rc[0]
             if dup:
                 # a column in both the bank and the ring counts once (the general path drops the
                 # ring's copy; here it is masked, which gives it the same zero weight)
                 in_bank = set(st.bank_col)
                 dup_t = torch.tensor([c in in_bank for c in rc], dtype=torch.bool, device=ring_ok.device)
-                ring_ok = ring_ok & ~dup_t.view(1, -1)
             m_bank = 0 if st.bank_k is None else st.bank_k.shape[2]
-            kk = torch.cat(keys, 2)
+            mask = dup or b > 1 or rc[0] < ctx.max_pad(b)
+            r_old = ring_k.shape[2]
+            ring_new, ring_ok = self._push_ring(st, k, start)  # [B, Hk, R + 1, D]: the ring, then k
+            kk = ring_new if st.bank_k is None else torch.cat([st.bank_k, ring_new], 2)
             qg = q.view(b, hk, q.shape[1] // hk, d)  # [B, Hk, r, D]: the one query, per GQA group
-            scores = torch.matmul(qg, kk.transpose(2, 3)).mul_(module.scaling)  # [B, Hk, r, S + R + 1]
+            scores = torch.matmul(qg, kk.transpose(2, 3))  # [B, Hk, r, S + R + 1], scaled
             # One row whose ring starts after its padding: every bank and ring key is usable (a
             # bank column is only kept for the rows it is a sink of, and one row has it).
-            if dup or b > 1 or rc[0] < ctx.max_pad(b):
+            if mask:
+                if dup:
+                    ring_ok = ring_ok & ~dup_t.view(1, -1)
                 ok = ring_ok if st.bank_ok is None else torch.cat([st.bank_ok, ring_ok], 1)  # the new key is usable
                 scores[..., : ok.shape[1]].masked_fill_(~ok.view(b, 1, 1, -1), float("-inf"))
             rec = scores.softmax(-1).mean(2)  # [B, Hk, S + R + 1]
-            end = m_bank + ring_k.shape[2]
+            end = m_bank + r_old
             # the ring's newest L columns are measurements n-L .. n-1; only candidates collect
             m = st.cand[n - L :]
-            st.sum[:, :, n - L :].addcmul_(rec[..., end - L : end], m.to(st.sum.dtype))
+            st.sum[:, :, n - L :].addcmul_(rec[..., end - L : end], m.to(st.sum.device, st.sum.dtype))
             cnt = st.cnt[n - L :]
             cnt += m
             st.cand[n - L :] &= cnt < self.obs_window
         else:
             k = held if held is not None else project_k(module, hs, cos, sin)
             hk = k.shape[1]
-        self._append(st, start, torch.zeros(b, hk, 1, device=hs.device), _NOT_MEASURED, cand_new, _DECODED)
-        self._add_ring(st, k, start, torch.ones(b, 1, dtype=torch.bool, device=hs.device))
+            if self.context:
+                self._push_ring(st, k, start)
+        self._append_step(st, start, b, hk, is_cand, hs.device)
         if is_cand:
             st.last_cand = start
         return True
+
+    def _push_ring(self, st: _LayerState, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add decode column ``start``'s key ``k`` ``[B, Hk, 1, D]`` (every row real) to the ring.
+
+        Returns the ring as it was followed by ``k``, ``[B, Hk, R + 1, D]`` (contiguous, a view), and
+        the old ring's usable mask ``[B, R]``. Amortised O(1): the ring slides through a buffer of
+        twice its size and moves to the front once every ``context`` steps."""
+        c = self.context
+        rk = st.ring_k
+        r = 0 if rk is None else rk.shape[2]
+        if rk is None or rk is not st.ring_view or st.ring_buf is None or st.ring_okbuf is None:
+            b, hk, _, d = k.shape
+            st.ring_buf = k.new_empty(b, hk, 2 * c, d)
+            st.ring_okbuf = torch.ones(b, 2 * c, dtype=torch.bool, device=k.device)
+            if r:
+                assert rk is not None and st.ring_ok is not None
+                st.ring_buf[:, :, :r] = rk
+                st.ring_okbuf[:, :r] = st.ring_ok
+            st.ring_end = r
+        buf, okb, e = st.ring_buf, st.ring_okbuf, st.ring_end
+        if e == buf.shape[2]:  # the buffer is full: the ring (r <= c columns) moves to its front
+            buf[:, :, :r] = buf[:, :, e - r : e]
+            okb[:, :r] = okb[:, e - r : e]
+            okb[:, r:] = True
+            e = r
+        buf[:, :, e : e + 1] = k
+        n = min(r + 1, c)
+        st.ring_k = st.ring_view = buf[:, :, e + 1 - n : e + 1]
+        st.ring_ok = okb[:, e + 1 - n : e + 1]
+        st.ring_end = e + 1
+        st.ring_col.append(start)
+        if len(st.ring_col) > c:
+            del st.ring_col[0]
+        return buf[:, :, e - r : e + 1], okb[:, e - r : e]
+
+    def _append_step(self, st: _LayerState, start: int, b: int, hk: int, is_cand: bool, device) -> None:
+        """One unmeasured decode column (``cnt`` 0, decoded, a candidate if ``is_cand``) joins the
+        measurement rows: the buffers hold those defaults from ``m_end`` on, so this moves four
+        views (and writes the candidate flag). The rows are buffer slots ``[m_end - n, m_end)``."""
+        n = 0 if st.cnt is None else int(st.cnt.numel())
+        bufs = st.m_bufs
+        fits = bufs is not None and bufs[0].shape[0] == b and bufs[0].shape[1] == hk and st.m_end < bufs[1].numel()
+        if n == 0 and fits:
+            # everything was decided and dropped (an evicting layer marks every step): start over at
+            # m_end, where nothing has been written yet
+            st.lo = start
+        elif n == 0 or not fits or st.sum is None or st.sum is not st.m_view:
+            # first use, a full buffer, or rows another path replaced: copy them into new buffers
+            if n == 0:
+                st.lo = start
+            cap = max(2 * (n + 1), 4 * self.obs_window)
+            sb = torch.zeros(b, hk, cap, device=device)
+            cb = torch.zeros(cap, dtype=torch.long)
+            kb = torch.zeros(cap, dtype=torch.bool)
+            db = torch.ones(cap, dtype=torch.bool)
+            if n:
+                assert st.sum is not None and st.cnt is not None and st.cand is not None and st.dec is not None
+                sb[:, :, :n] = st.sum
+                cb[:n], kb[:n], db[:n] = st.cnt, st.cand, st.dec
+            st.m_bufs = bufs = (sb, cb, kb, db)
+            st.m_end = n
+        assert bufs is not None
+        sb, cb, kb, db = bufs
+        e = st.m_end
+        if is_cand:
+            kb[e] = True
+        lo = e - n
+        st.sum = st.m_view = sb[:, :, lo : e + 1]
+        st.cnt, st.cand, st.dec = cb[lo : e + 1], kb[lo : e + 1], db[lo : e + 1]
+        st.m_end = e + 1
 
     def _step_candidate(self, ctx: TokenContext, start: int, b: int, device) -> tuple[torch.Tensor, bool]:
         """Whether the one token at ``start`` is a candidate: ``([1] bool, as a Python bool)``,
@@ -555,8 +643,12 @@ class AutoSinks(CacheHooks, SinkSelector):
 
     def mark(self, layer_idx, cols, ctx: TokenContext, keys, attention=None):
         b, hk = keys.shape[0], keys.shape[1]
-        first = self.first_mask(cols, ctx, b).to(keys.device)
         st = self.state.get(layer_idx)
+        if self.fast_decode and cols.numel() == 1 and st is not None and st.cnt is not None:
+            marks = self._mark_unmeasured(st, int(cols[0]), ctx, b, keys.device)
+            if marks is not None:
+                return marks
+        first = self.first_mask(cols, ctx, b).to(keys.device)
         if st is None or st.cnt is None:
             return first
         a = self.received(layer_idx, cols, b, hk, keys.device)
@@ -578,6 +670,21 @@ class AutoSinks(CacheHooks, SinkSelector):
             st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, done:], st.cnt[done:], st.cand[done:], st.dec[done:]
             st.lo += done
         return marks
+
+    def _mark_unmeasured(self, st: _LayerState, col: int, ctx: TokenContext, b: int, device) -> torch.Tensor | None:
+        """:meth:`mark` for one column that is no row's first token and drew no measurement (an
+        evicting layer marks each decode token one forward after it arrived, before any later query
+        has attended to it): no sink anywhere, and its measurement row is dropped. ``None`` where
+        the general path must decide. Answers in a few Python steps what takes ~30 tensor ops."""
+        assert st.cnt is not None
+        rel = col - st.lo
+        if col < self.n_first + ctx.max_pad(b) or (0 <= rel < st.cnt.numel() and int(st.cnt[rel]) > 0):
+            return None
+        done = min(rel + 1, st.cnt.numel())
+        if done > 0 and st.sum is not None and st.cand is not None and st.dec is not None:
+            st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, done:], st.cnt[done:], st.cand[done:], st.dec[done:]
+            st.lo += done
+        return torch.zeros(b, 1, 1, dtype=torch.bool, device=device)
 
     def __repr__(self) -> str:
         return (

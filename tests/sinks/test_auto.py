@@ -210,16 +210,17 @@ def test_auto_on_smollm_marks_few_sinks_and_the_first_token():
     assert len(runs[0]) == 24 and runs[0] == runs[1]
 
 
-def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int, steps: int):
+def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int, steps: int, **detector):
     """Prefill a (left-padded) batch, decode ``steps`` tokens in which every 3rd is a candidate;
-    returns the detector's state after each step, the sinks found and how often the fast path ran."""
+    returns the detector's state after each step, the sinks found and how often the fast path ran.
+    ``detector``: more :class:`AutoSinks` arguments (e.g. a small ``context``)."""
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(10, 128, (batch, 40 + steps), generator=g)
     ids[:, 40::3] = punct[0]
     ids[0, 40 + 7] = SINK
     mask = torch.ones_like(ids)
     mask[-1, :5] = 0  # the last row is left-padded
-    sel = AutoSinks(threshold=0.05, punct_ids=punct, max_sinks=4)
+    sel = AutoSinks(threshold=0.05, punct_ids=punct, max_sinks=4, **detector)
     sel.fast_decode = fast
     ran: list[bool] = []
     real = AutoSinks._observe_step
@@ -237,7 +238,8 @@ def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int
             model(input_ids=ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache, use_cache=True)
             for i in range(40, 40 + steps):
                 model(input_ids=ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=cache, use_cache=True)
-                states.append({j: (s.lo, s.sum.clone(), s.cnt.clone(), s.cand.clone(), list(s.bank_col), list(s.ring_col))
+                states.append({j: (s.lo, s.sum.clone(), s.cnt.clone(), s.cand.clone(), list(s.bank_col), list(s.ring_col),
+                                   s.ring_k.clone(), s.ring_ok.clone())
                                for j, s in sel.state.items()})
         finally:
             AutoSinks._observe_step = real
@@ -255,27 +257,31 @@ def held_sinks(cache: SinkCache, layer: int) -> set[int]:
 
 
 @pytest.mark.parametrize(
-    "policy",
+    ("policy", "detector", "steps"),
     [
-        dict(policy="quantize", bits=2, window=16, group_size=16),
-        dict(policy="quantize", bits=2, window=0, group_size=8),  # sinks confirmed while still in the ring
-        dict(policy="evict", budget=40, window=8, score="keynorm"),
+        (dict(policy="quantize", bits=2, window=16, group_size=16), {}, 30),
+        (dict(policy="quantize", bits=2, window=0, group_size=8), {}, 30),  # sinks confirmed while still in the ring
+        (dict(policy="evict", budget=40, window=8, score="keynorm"), {}, 30),
+        # a ring of 8 keys slides through its 16-column buffer several times (it moves to the
+        # buffer's front every 8 steps): the keys it holds stay the general path's
+        (dict(policy="quantize", bits=2, window=16, group_size=16), dict(context=8, obs_window=8), 40),
     ],
 )
-def test_fast_decode_step_measures_what_the_general_path_measures(policy):
+def test_fast_decode_step_measures_what_the_general_path_measures(policy, detector, steps):
     """The decode fast path and the general path give the same measurements at every step (the
-    same shares up to float summation order, the same counts, candidates, bank, ring and sinks)."""
+    same shares up to float summation order, the same counts, candidates, bank, ring keys and sinks)."""
     model = planted_model(layers=2)
-    slow, slow_sinks, slow_ran = _decode_states(model, False, policy, [QUIET, SINK], batch=2, steps=30)
-    fast, fast_sinks, fast_ran = _decode_states(model, True, policy, [QUIET, SINK], batch=2, steps=30)
-    assert not slow_ran and sum(fast_ran) >= 30  # the fast path really ran (2 layers x 30 steps, minus fallbacks)
+    slow, slow_sinks, slow_ran = _decode_states(model, False, policy, [QUIET, SINK], batch=2, steps=steps, **detector)
+    fast, fast_sinks, fast_ran = _decode_states(model, True, policy, [QUIET, SINK], batch=2, steps=steps, **detector)
+    assert not slow_ran and sum(fast_ran) >= steps  # the fast path really ran (2 layers x steps, minus fallbacks)
     assert fast_sinks == slow_sinks
-    if policy.get("window") == 16:
+    if policy.get("window") == 16 and not detector:
         assert all(47 in s for s in fast_sinks)  # the decoded planted sink was confirmed (row 0, column 47)
     for a, b in zip(fast, slow, strict=True):
         assert a.keys() == b.keys()
         for j in a:
-            (lo, s, c, cd, bank, ring), (lo2, s2, c2, cd2, bank2, ring2) = a[j], b[j]
+            (lo, s, c, cd, bank, ring, rk, rok), (lo2, s2, c2, cd2, bank2, ring2, rk2, rok2) = a[j], b[j]
             assert (lo, bank, ring) == (lo2, bank2, ring2)
             assert torch.equal(c, c2) and torch.equal(cd, cd2)
+            assert torch.equal(rk, rk2) and torch.equal(rok, rok2)
             torch.testing.assert_close(s, s2, rtol=1e-5, atol=1e-7)
