@@ -327,16 +327,45 @@ class EvictingLayer(CompressingLayer):
         return torch.cat([self.rotary.rotate(self.keys[:, :, :held], virt), key_states], dim=2)
 
     def compress(self) -> None:
-        if not self.is_initialized or self.marked == self.seen:
+        if not self.is_initialized:
             return
-        # Decide sinks among tokens that arrived since the last compression, then evict.
-        new = self.seen - self.marked
-        cols = torch.arange(self.marked, self.seen, device=self.keys.device)
-        marks = self._mark_sinks(cols, self.keys[:, :, -new:], self.sink[:, :, :-new].sum(-1))
-        self.sink = torch.cat([self.sink[:, :, :-new], marks], dim=2)
-        self.marked = self.seen
+        # Decide sinks among tokens that arrived since the last compression, then evict. A selector
+        # that measures attention (sinks="auto") decides a token when it leaves the recent window
+        # (which protects it until then), as the quantizing layer does: a decoded candidate has
+        # then been measured by the queries after it. Deciding it one forward after it arrived,
+        # before any later query, meant decode-time sinks were never confirmed under eviction.
+        upto = self.seen - self.policy.window if self.sinks.needs_attention else self.seen
+        if upto > self.marked:
+            self._mark_upto(upto)
         if self.keys.shape[2] > self.policy.budget:
             self._evict()
+
+    def _mark_upto(self, upto: int) -> None:
+        """Sink decisions for columns ``marked .. upto - 1``. Real tokens among them are all still
+        held (protected by the window since they arrived); pads are not protected and may be gone."""
+        new = upto - self.marked
+        b, h, t, d = self.keys.shape
+        cols = torch.arange(self.marked, upto, device=self.keys.device)
+        already = self.sink.sum(-1)  # only columns < marked can be sinks yet
+        if self.marked >= self.ctx.max_pad(b):
+            # no pads among them: in every row they are the store's newest seen - marked entries
+            a = t - (self.seen - self.marked)
+            marks = self._mark_sinks(cols, self.keys[:, :, a : a + new], already)
+            if a + new == t:
+                self.sink = torch.cat([self.sink[:, :, :a], marks], dim=2)
+            else:
+                self.sink[:, :, a : a + new] |= marks
+        else:
+            # a padded row may have evicted some of these pad columns already (the newest pads go
+            # first): find each column by position (the store keeps column order); a column a row
+            # no longer holds is one of its pads, never a sink
+            want = cols.to(self.pos.dtype).view(1, 1, new).expand(b, h, new).contiguous()
+            idx = torch.searchsorted(self.pos.contiguous(), want).clamp_max_(t - 1)
+            found = self.pos.gather(2, idx) == want
+            keys = self.keys.gather(2, idx.unsqueeze(-1).expand(b, h, new, d))
+            marks = self._mark_sinks(cols, keys, already) & found
+            self.sink = self.sink.scatter(2, idx, self.sink.gather(2, idx) | marks)
+        self.marked = upto
 
     def _evict(self) -> None:
         """Keep the top-``budget`` tokens per (row, head): sinks and window first, pads last."""

@@ -173,15 +173,15 @@ class _LayerState:
     cand_unsure: bool = True
     # Preallocated storage behind the decode fast path, so a step writes one key and moves views
     # instead of concatenating (six ``torch.cat`` per layer per step before). ``ring_k``/``ring_ok``
-    # and the measurement rows are views into these for as long as only the fast path touched them;
-    # any other path assigns new tensors, and the next fast step rebuilds the storage from them.
+    # and the measurement rows are views into these for as long as only the fast path (and, for
+    # the rows, :meth:`AutoSinks.mark`) touched them; any other path assigns new tensors, and the
+    # next fast step rebuilds the storage from them.
     ring_buf: torch.Tensor | None = None  # [B, Hk, 2 * context, D]
     ring_okbuf: torch.Tensor | None = None  # [B, 2 * context]; True from ring_end on
     ring_end: int = 0  # buffer column after the ring's newest key
     ring_view: torch.Tensor | None = None  # the ring_k this storage produced
     m_bufs: tuple | None = None  # (sum [B, Hk, cap], cnt [cap], cand [cap], dec [cap])
     m_end: int = 0  # buffer slot after the newest row; every slot from here on holds the defaults
-    m_view: torch.Tensor | None = None  # the sum this storage produced
 
     def end(self) -> int:
         return self.lo + (0 if self.cnt is None else int(self.cnt.numel()))
@@ -244,7 +244,7 @@ class AutoSinks(CacheHooks, SinkSelector):
         # The candidate test of the current forward, shared by its layers: (key, [T] bool).
         self._cand_memo: tuple[tuple, torch.Tensor, bool] | None = None
         # Decode tokens go through :meth:`_observe_step` and one-column marks through
-        # :meth:`_mark_unmeasured` (same results, fewer ops); the general paths stay for prefill and
+        # :meth:`_mark_one` (same results, fewer ops); the general paths stay for prefill and
         # the states these do not cover. Tests switch it off to check that both give the same.
         self.fast_decode = True
         self.state: dict[int, _LayerState] = {}
@@ -457,18 +457,21 @@ class AutoSinks(CacheHooks, SinkSelector):
     def _append_step(self, st: _LayerState, start: int, b: int, hk: int, is_cand: bool, device) -> None:
         """One unmeasured decode column (``cnt`` 0, decoded, a candidate if ``is_cand``) joins the
         measurement rows: the buffers hold those defaults from ``m_end`` on, so this moves four
-        views (and writes the candidate flag). The rows are buffer slots ``[m_end - n, m_end)``."""
+        views (and writes the candidate flag). The rows are buffer slots ``[m_end - n, m_end)``;
+        :meth:`mark` dropping decided rows from the front keeps them so (its slices are views of
+        the same buffers), anything else (a general-path step, a truncation, a batch operation)
+        makes the next step copy the rows into new buffers."""
         n = 0 if st.cnt is None else int(st.cnt.numel())
         bufs = st.m_bufs
-        fits = bufs is not None and bufs[0].shape[0] == b and bufs[0].shape[1] == hk and st.m_end < bufs[1].numel()
-        if n == 0 and fits:
-            # everything was decided and dropped (an evicting layer marks every step): start over at
-            # m_end, where nothing has been written yet
-            st.lo = start
-        elif n == 0 or not fits or st.sum is None or st.sum is not st.m_view:
-            # first use, a full buffer, or rows another path replaced: copy them into new buffers
-            if n == 0:
-                st.lo = start
+        lo = st.m_end - n
+        ok = (
+            bufs is not None and st.m_end < bufs[1].numel() and bufs[0].shape[0] == b and bufs[0].shape[1] == hk
+            and all(
+                x is not None and x._base is buf and x.storage_offset() == lo
+                for x, buf in zip((st.sum, st.cnt, st.cand, st.dec), bufs, strict=True)
+            )
+        )
+        if not ok:
             cap = max(2 * (n + 1), 4 * self.obs_window)
             sb = torch.zeros(b, hk, cap, device=device)
             cb = torch.zeros(cap, dtype=torch.long)
@@ -479,14 +482,15 @@ class AutoSinks(CacheHooks, SinkSelector):
                 sb[:, :, :n] = st.sum
                 cb[:n], kb[:n], db[:n] = st.cnt, st.cand, st.dec
             st.m_bufs = bufs = (sb, cb, kb, db)
-            st.m_end = n
+            st.m_end, lo = n, 0
+        if n == 0:
+            st.lo = start
         assert bufs is not None
         sb, cb, kb, db = bufs
         e = st.m_end
         if is_cand:
             kb[e] = True
-        lo = e - n
-        st.sum = st.m_view = sb[:, :, lo : e + 1]
+        st.sum = sb[:, :, lo : e + 1]
         st.cnt, st.cand, st.dec = cb[lo : e + 1], kb[lo : e + 1], db[lo : e + 1]
         st.m_end = e + 1
 
@@ -645,7 +649,7 @@ class AutoSinks(CacheHooks, SinkSelector):
         b, hk = keys.shape[0], keys.shape[1]
         st = self.state.get(layer_idx)
         if self.fast_decode and cols.numel() == 1 and st is not None and st.cnt is not None:
-            marks = self._mark_unmeasured(st, int(cols[0]), ctx, b, keys.device)
+            marks = self._mark_one(st, int(cols[0]), ctx, b, keys.device)
             if marks is not None:
                 return marks
         first = self.first_mask(cols, ctx, b).to(keys.device)
@@ -671,20 +675,30 @@ class AutoSinks(CacheHooks, SinkSelector):
             st.lo += done
         return marks
 
-    def _mark_unmeasured(self, st: _LayerState, col: int, ctx: TokenContext, b: int, device) -> torch.Tensor | None:
-        """:meth:`mark` for one column that is no row's first token and drew no measurement (an
-        evicting layer marks each decode token one forward after it arrived, before any later query
-        has attended to it): no sink anywhere, and its measurement row is dropped. ``None`` where
-        the general path must decide. Answers in a few Python steps what takes ~30 tensor ops."""
+    def _mark_one(self, st: _LayerState, col: int, ctx: TokenContext, b: int, device) -> torch.Tensor | None:
+        """:meth:`mark` for one column that is no row's first token and not a decoded candidate
+        (an evicting layer decides one column per step, as it leaves the recent window): a sink
+        where its measured share reaches ``threshold`` (none if it was never measured), and its
+        measurement row is dropped. ``None`` where the general path must decide. A few ops
+        instead of ~30."""
         assert st.cnt is not None
+        n = st.cnt.numel()
         rel = col - st.lo
-        if col < self.n_first + ctx.max_pad(b) or (0 <= rel < st.cnt.numel() and int(st.cnt[rel]) > 0):
+        if col < self.n_first + ctx.max_pad(b):
             return None
-        done = min(rel + 1, st.cnt.numel())
+        c = int(st.cnt[rel]) if 0 <= rel < n else 0
+        if c > 0 and (st.dec is None or bool(st.dec[rel])):
+            return None  # a measured decoded candidate: the general path also banks it if confirmed
+        if c > 0:
+            assert st.sum is not None
+            marks = (st.sum[:, :, rel : rel + 1] / c >= self.threshold).to(device)  # [B, Hk, 1]
+        else:
+            marks = torch.zeros(b, 1, 1, dtype=torch.bool, device=device)
+        done = min(rel + 1, n)
         if done > 0 and st.sum is not None and st.cand is not None and st.dec is not None:
             st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, done:], st.cnt[done:], st.cand[done:], st.dec[done:]
             st.lo += done
-        return torch.zeros(b, 1, 1, dtype=torch.bool, device=device)
+        return marks
 
     def __repr__(self) -> str:
         return (

@@ -210,7 +210,7 @@ def test_auto_on_smollm_marks_few_sinks_and_the_first_token():
     assert len(runs[0]) == 24 and runs[0] == runs[1]
 
 
-def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int, steps: int, **detector):
+def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int, steps: int, prompt_sink: int | None = None, **detector):
     """Prefill a (left-padded) batch, decode ``steps`` tokens in which every 3rd is a candidate;
     returns the detector's state after each step, the sinks found and how often the fast path ran.
     ``detector``: more :class:`AutoSinks` arguments (e.g. a small ``context``)."""
@@ -218,6 +218,8 @@ def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int
     ids = torch.randint(10, 128, (batch, 40 + steps), generator=g)
     ids[:, 40::3] = punct[0]
     ids[0, 40 + 7] = SINK
+    if prompt_sink is not None:
+        ids[0, prompt_sink] = SINK
     mask = torch.ones_like(ids)
     mask[-1, :5] = 0  # the last row is left-padded
     sel = AutoSinks(threshold=0.05, punct_ids=punct, max_sinks=4, **detector)
@@ -287,14 +289,51 @@ def test_fast_decode_step_measures_what_the_general_path_measures(policy, detect
             torch.testing.assert_close(s, s2, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: an evicting layer decides each decode token's sinkness one forward after it "
-    "arrives, before any later query has attended to it, so a decoded candidate is never confirmed "
-    "(the quantizing layer decides when the token leaves the exact window, after it was measured)",
-)
 def test_evicting_layer_confirms_a_decoded_sink():
+    """An evicting layer decides a token when it leaves the recent window, as the quantizing layer
+    does, so a decoded candidate has been measured by then (it used to be decided one forward after
+    it arrived, unmeasured, and never confirmed)."""
     model = planted_model(layers=2)
     policy = dict(policy="evict", budget=60, window=16, score="keynorm")
     _, sinks, _ = _decode_states(model, True, policy, [QUIET, SINK], batch=2, steps=30)
     assert all(47 in s for s in sinks)  # what the quantizing layer confirms (see the test above)
+
+
+def test_evicting_layer_decides_a_measured_prompt_sink_at_the_window_edge():
+    """A planted prompt sink inside the last window of the prompt is decided when it leaves the
+    window, from its prefill measurement: the one-column path and the general path agree."""
+    model = planted_model(layers=2)
+    policy = dict(policy="evict", budget=40, window=8, score="keynorm")
+    fast = _decode_states(model, True, policy, [QUIET, SINK], batch=2, steps=12, prompt_sink=36)
+    slow = _decode_states(model, False, policy, [QUIET, SINK], batch=2, steps=12, prompt_sink=36)
+    assert all(36 in s for s in fast[1]) and fast[1] == slow[1]
+
+
+def test_evicting_layer_decides_late_under_left_padding():
+    """A row padded far past the recent window evicts its newest pads before the layer, deciding at
+    the window's edge, reaches them: the layer finds columns by position, so the first real token of
+    every row is a sink and no pad is."""
+    model = planted_model(layers=2)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, 128, (2, 24 + 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # row 1: 20 pads, 4 real prompt tokens
+    sel = AutoSinks(punct_ids=[QUIET], max_sinks=4)
+    cache = SinkCache(policy="evict", budget=20, window=8, score="keynorm", sinks=sel, model=model)
+    held_while_deciding_pads = []
+    with torch.no_grad():
+        model(input_ids=ids[:, :24], attention_mask=mask[:, :24], past_key_values=cache, use_cache=True)
+        for i in range(24, 36):
+            model(input_ids=ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=cache, use_cache=True)
+            lay = cache.layers[0]
+            if lay.marked <= 20:
+                held_while_deciding_pads.append(sorted({int(p) for p in lay.pos[1, 0]}))
+    # the case this is about: row 1 had already evicted pad columns the layer had not decided yet
+    assert any(set(range(17, 20)) - set(h) for h in held_while_deciding_pads)
+    for lay in cache.layers:
+        assert lay.marked == 35 - 8 > 20  # decided up to the window's edge at the last update
+        for row, first_real in ((0, 0), (1, 20)):
+            held_sinks = {int(p) for p in lay.pos[row][lay.sink[row]].flatten()}
+            assert first_real in held_sinks
+            assert all(p >= first_real for p in held_sinks)
+    cache.detach()
