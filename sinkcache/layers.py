@@ -347,8 +347,9 @@ class EvictingLayer(CompressingLayer):
         b, h, t, d = self.keys.shape
         cols = torch.arange(self.marked, upto, device=self.keys.device)
         already = self.sink.sum(-1)  # only columns < marked can be sinks yet
-        if self.marked >= self.ctx.max_pad(b):
-            # no pads among them: in every row they are the store's newest seen - marked entries
+        if upto == self.seen or self.marked >= self.ctx.max_pad(b):
+            # all arrived since the last eviction, or no pads among them: in every row they are
+            # the store's newest seen - marked entries
             a = t - (self.seen - self.marked)
             marks = self._mark_sinks(cols, self.keys[:, :, a : a + new], already)
             if a + new == t:
