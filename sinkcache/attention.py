@@ -31,10 +31,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 _ROPE_MEMO: list = [None]
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place edit counter; ``None`` for an inference-mode tensor, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, w: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` of the last ``w`` positions ``[B, 1, w, D]``, the sign of
     :func:`rotate_half` folded into ``sin``'s first half, both times ``scale`` if given."""
-    key = (cos, sin, w, scale, cos._version, sin._version)  # the version: an in-place edit is a new table
+    key = (cos, sin, w, scale, _version(cos), _version(sin))  # the version: an in-place edit is a new table
     m = _ROPE_MEMO[0]
     if m is not None and m[0][0] is cos and m[0][1] is sin and m[0][2:] == key[2:]:
         return m[1]

@@ -352,10 +352,9 @@ class EvictingLayer(CompressingLayer):
             # the store's newest seen - marked entries
             a = t - (self.seen - self.marked)
             marks = self._mark_sinks(cols, self.keys[:, :, a : a + new], already)
-            if a + new == t:
-                self.sink = torch.cat([self.sink[:, :, :a], marks], dim=2)
-            else:
-                self.sink[:, :, a : a + new] |= marks
+            # (out of place: the flags may be inference tensors from a forward under inference_mode)
+            parts = [self.sink[:, :, :a], marks if a + new == t else self.sink[:, :, a : a + new] | marks]
+            self.sink = torch.cat(parts + ([self.sink[:, :, a + new :]] if a + new < t else []), dim=2)
         else:
             # a padded row may have evicted some of these pad columns already (the newest pads go
             # first): find each column by position (the store keeps column order); a column a row

@@ -82,3 +82,12 @@ def test_rope_last_scale_is_the_scaled_rotation():
     plain = rope_last(x, cos, sin)
     torch.testing.assert_close(rope_last(x, cos, sin, 0.125), plain * 0.125)
     assert torch.equal(rope_last(x, cos, sin), plain)  # the scaled tables are not served unscaled
+
+
+def test_rope_last_under_inference_mode():
+    """Inference tensors keep no version counter: the tables still work (what ``sinkcache bench`` runs)."""
+    with torch.inference_mode():
+        cos, sin = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+        x = torch.randn(1, 2, 1, 8)
+        assert torch.equal(rope_last(x, cos, sin), apply_rope(x, cos[:, -1:], sin[:, -1:]))
+        assert torch.equal(rope_last(x, cos, sin), apply_rope(x, cos[:, -1:], sin[:, -1:]))
