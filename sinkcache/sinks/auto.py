@@ -669,10 +669,7 @@ class AutoSinks(CacheHooks, SinkSelector):
             if bool(conf.any()):
                 self._add_bank(st, keys.float(), cols, conf)
         # everything up to the last marked column is decided: drop its measurements
-        done = min(int(cols.max()) + 1 - st.lo, st.cnt.numel())
-        if done > 0 and st.sum is not None and st.cand is not None and st.dec is not None:
-            st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, done:], st.cnt[done:], st.cand[done:], st.dec[done:]
-            st.lo += done
+        self._drop_decided(st, int(cols.max()) + 1)
         return marks
 
     def _mark_one(self, st: _LayerState, col: int, ctx: TokenContext, b: int, device) -> torch.Tensor | None:
@@ -694,11 +691,18 @@ class AutoSinks(CacheHooks, SinkSelector):
             marks = (st.sum[:, :, rel : rel + 1] / c >= self.threshold).to(device)  # [B, Hk, 1]
         else:
             marks = torch.zeros(b, 1, 1, dtype=torch.bool, device=device)
-        done = min(rel + 1, n)
+        self._drop_decided(st, col + 1)
+        return marks
+
+    @staticmethod
+    def _drop_decided(st: _LayerState, end: int) -> None:
+        """Drop the measurement rows of columns before ``end``: the layer has decided them. (Views
+        of the same buffers, so :meth:`_append_step` keeps appending in place.)"""
+        assert st.cnt is not None
+        done = min(end - st.lo, st.cnt.numel())
         if done > 0 and st.sum is not None and st.cand is not None and st.dec is not None:
             st.sum, st.cnt, st.cand, st.dec = st.sum[:, :, done:], st.cnt[done:], st.cand[done:], st.dec[done:]
             st.lo += done
-        return marks
 
     def __repr__(self) -> str:
         return (
