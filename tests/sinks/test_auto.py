@@ -240,7 +240,8 @@ def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int
             model(input_ids=ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache, use_cache=True)
             for i in range(40, 40 + steps):
                 model(input_ids=ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=cache, use_cache=True)
-                states.append({j: (s.lo, s.sum.clone(), s.cnt.clone(), s.cand.clone(), list(s.bank_col), list(s.ring_col),
+                # candidates compared by whether they still collect (the fast path closes them lazily)
+                states.append({j: (s.lo, s.sum.clone(), s.cnt.clone(), s.cand & (s.cnt < sel.obs_window), list(s.bank_col), list(s.ring_col),
                                    s.ring_k.clone(), s.ring_ok.clone())
                                for j, s in sel.state.items()})
         finally:
@@ -337,3 +338,28 @@ def test_evicting_layer_decides_late_under_left_padding():
             assert first_real in held_sinks
             assert all(p >= first_real for p in held_sinks)
     cache.detach()
+
+
+def test_candidates_the_fast_path_left_open_stop_collecting_on_the_general_path():
+    """The decode fast path does not close a candidate that has collected ``obs_window`` queries
+    (it leaves its tail next step); a later forward on the general path (here a two-token chunk)
+    must not give it one more: counts and shares equal a run that never took the fast path."""
+    model = planted_model(layers=2)
+    ids = ids_without_sink(52, seed=7)
+    ids[0, 40] = QUIET  # a decode-time candidate at column 40
+
+    def run(fast: bool):
+        sel = AutoSinks(threshold=0.05, punct_ids=[SINK, QUIET], obs_window=8, context=32)
+        sel.fast_decode = fast
+        cache = SinkCache(policy="quantize", bits=2, window=64, group_size=16, sinks=sel, model=model)
+        feed(model, cache, ids[:, :40], 40)
+        feed(model, cache, ids[:, 40:49], 1)  # column 40, then the 8 queries it collects
+        feed(model, cache, ids[:, 49:51], 2)  # a general-path forward
+        st = sel.state[0]
+        out = (int(st.cnt[40 - st.lo]), st.sum[:, :, 40 - st.lo].clone())
+        cache.detach()
+        return out
+
+    (c_fast, s_fast), (c_slow, s_slow) = run(True), run(False)
+    assert c_slow == 8 and c_fast == 8
+    torch.testing.assert_close(s_fast, s_slow, rtol=1e-5, atol=1e-7)
