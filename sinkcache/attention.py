@@ -93,34 +93,6 @@ def project_qk(
     return q.float(), k.float()
 
 
-# The last (cos, sin) seen by :func:`rope_matrix` and its matrix (built once per forward, as above).
-_ROPE_MATRIX_MEMO: list = [None]
-
-
-def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
-    """RoPE at the last position of ``cos``/``sin`` ``[B, T, D]`` (``B`` may be 1 for all rows) times
-    ``scale``, as one matrix ``[B, D, D]``: ``x @ M`` is ``scale * apply_rope(x)`` for ``x`` ``[B, H, D]`` (equal up to float
-    rounding: a matrix product sums the two terms of each output in its own order).
-
-    Why a matrix: a decode step rotates one query per observed layer, and at that size each tensor
-    op costs far more than its arithmetic; one ``bmm`` replaces four elementwise ops, and the
-    matrix is shared by every layer of the forward."""
-    key = (cos, sin, scale, _version(cos), _version(sin))
-    m = _ROPE_MATRIX_MEMO[0]
-    if m is not None and m[0][0] is cos and m[0][1] is sin and m[0][2:] == key[2:]:
-        return m[1]
-    b, d = cos.shape[0], cos.shape[-1]
-    h = d // 2
-    c, s = cos[:, -1] * scale, sin[:, -1] * scale  # [B, D]
-    mat = cos.new_zeros(b, d, d)
-    i = torch.arange(d, device=cos.device)
-    mat[:, i, i] = c
-    mat[:, i[h:], i[:h]] = -s[:, :h]  # out_j (j < h) takes -x_{j+h} sin_j
-    mat[:, i[:h], i[h:]] = s[:, h:]  # out_j (j >= h) takes x_{j-h} sin_j
-    _ROPE_MATRIX_MEMO[0] = (key, mat)
-    return mat
-
-
 def project_k(module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Keys ``[B, Hk, T, D]``, post-norm and post-RoPE, float32."""
     b, t, _ = hidden_states.shape
@@ -143,8 +115,7 @@ def project_q(
 
     ``projected``: ``q_proj``'s own output for those positions ``[B, w, Hq * D]``, when a hook
     caught it (saves recomputing the projection). ``scale``: queries come multiplied by it (e.g.
-    the attention's softmax scale, folded into the RoPE tables at no cost; for one position the
-    rotation is then one matrix product, :func:`rope_matrix`)."""
+    the attention's softmax scale, folded into the RoPE tables at no cost)."""
     b = hidden_states.shape[0]
     d = module.head_dim
     if projected is None:
@@ -152,12 +123,6 @@ def project_q(
     q = projected.view(b, w, -1, d).transpose(1, 2)
     if getattr(module, "q_norm", None) is not None:
         q = module.q_norm(q)
-    if w == 1 and scale is not None:
-        hq = q.shape[1]
-        mat = rope_matrix(cos, sin, scale)
-        if mat.shape[0] == 1:  # one set of positions for every row (no left padding): one plain product
-            return torch.mm(q.reshape(b * hq, d), mat[0]).view(b, hq, 1, d).float()
-        return torch.bmm(q.reshape(b, hq, d), mat).view(b, hq, 1, d).float()
     return rope_last(q, cos, sin, scale).float()
 
 

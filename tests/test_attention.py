@@ -7,7 +7,7 @@ import torch
 from conftest import prompt
 
 from sinkcache import SinkCache
-from sinkcache.attention import CacheHooks, apply_rope, layer_keys, project_k, rope_last, rope_matrix
+from sinkcache.attention import CacheHooks, apply_rope, layer_keys, project_k, rope_last
 
 
 class _Collect(CacheHooks):
@@ -91,19 +91,3 @@ def test_rope_last_under_inference_mode():
         x = torch.randn(1, 2, 1, 8)
         assert torch.equal(rope_last(x, cos, sin), apply_rope(x, cos[:, -1:], sin[:, -1:]))
         assert torch.equal(rope_last(x, cos, sin), apply_rope(x, cos[:, -1:], sin[:, -1:]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_matrix_is_the_scaled_rotation_per_row(dtype):
-    """One matrix per row (left-padded rows sit at different positions), rebuilt for new or edited
-    embeddings and another scale, never served stale."""
-    g = torch.Generator().manual_seed(3)
-    cos, sin = torch.randn(2, 5, 64, generator=g).to(dtype), torch.randn(2, 5, 64, generator=g).to(dtype)
-    x = torch.randn(2, 9, 1, 64, generator=g).to(dtype)
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for scale in (0.125, 0.125, 1.0):  # the second call is served from the memo
-        got = torch.bmm(x.reshape(2, 9, 64), rope_matrix(cos, sin, scale)).view(2, 9, 1, 64)
-        torch.testing.assert_close(got.float(), (apply_rope(x, cos[:, -1:], sin[:, -1:]) * scale).float(), **tol)
-    sin.mul_(-0.5)  # same object, new values
-    got = torch.bmm(x.reshape(2, 9, 64), rope_matrix(cos, sin, 1.0)).view(2, 9, 1, 64)
-    torch.testing.assert_close(got.float(), apply_rope(x, cos[:, -1:], sin[:, -1:]).float(), **tol)

@@ -280,7 +280,6 @@ class AutoSinks(CacheHooks, SinkSelector):
         self._truncate(st, start)  # columns >= start are being re-fed (crop, assisted decoding)
         if t == 1 and self.fast_decode and self._observe_step(module, hs, cos, sin, start, ctx, layer, st, b):
             return
-        self._close(st)
         cols = torch.arange(start, start + t, device=hs.device)
         pad = ctx.pad_counts(b, hs.device)
         valid = cols.view(1, -1) >= pad.view(-1, 1)  # [B, T]
@@ -355,7 +354,6 @@ class AutoSinks(CacheHooks, SinkSelector):
         # obs_window columns may be open; older ones are closed unless another path ran since.
         pending = start - st.last_cand <= self.obs_window
         if not pending and st.cand_unsure:
-            self._close(st)
             pending = st.cand is not None and bool(st.cand.any())
             st.cand_unsure = pending
         if pending and (st.cnt is None or st.cnt.numel() == 0):
@@ -409,10 +407,9 @@ class AutoSinks(CacheHooks, SinkSelector):
             # the ring's newest L columns are measurements n-L .. n-1; only candidates collect
             m = st.cand[n - L :]
             st.sum[:, :, n - L :].addcmul_(rec[..., end - L : end], m.to(st.sum.device, st.sum.dtype))
-            st.cnt[n - L :] += m
-            # A candidate that has now collected obs_window queries stays flagged: it leaves the
-            # tail (and so this update) at the next step, and readers of ``cand`` outside this path
-            # close it first (:meth:`_close`). Two ops per layer per step fewer than closing here.
+            cnt = st.cnt[n - L :]
+            cnt += m
+            st.cand[n - L :] &= cnt < self.obs_window
         else:
             k = held if held is not None else project_k(module, hs, cos, sin)
             hk = k.shape[1]
@@ -422,12 +419,6 @@ class AutoSinks(CacheHooks, SinkSelector):
         if is_cand:
             st.last_cand = start
         return True
-
-    def _close(self, st: _LayerState) -> None:
-        """Close the candidates that have collected ``obs_window`` queries (the decode fast path
-        leaves that to here, see :meth:`_observe_step`). In place: the rows may be buffer views."""
-        if st.cand is not None and st.cnt is not None and st.cand.numel():
-            st.cand &= st.cnt < self.obs_window
 
     def _push_ring(self, st: _LayerState, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Add decode column ``start``'s key ``k`` ``[B, Hk, 1, D]`` (every row real) to the ring.

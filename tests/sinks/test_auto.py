@@ -240,8 +240,7 @@ def _decode_states(model, fast: bool, policy: dict, punct: list[int], batch: int
             model(input_ids=ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache, use_cache=True)
             for i in range(40, 40 + steps):
                 model(input_ids=ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=cache, use_cache=True)
-                # candidates compared by whether they still collect (the fast path closes them lazily)
-                states.append({j: (s.lo, s.sum.clone(), s.cnt.clone(), s.cand & (s.cnt < sel.obs_window), list(s.bank_col), list(s.ring_col),
+                states.append({j: (s.lo, s.sum.clone(), s.cnt.clone(), s.cand.clone(), list(s.bank_col), list(s.ring_col),
                                    s.ring_k.clone(), s.ring_ok.clone())
                                for j, s in sel.state.items()})
         finally:
@@ -340,10 +339,10 @@ def test_evicting_layer_decides_late_under_left_padding():
     cache.detach()
 
 
-def test_candidates_the_fast_path_left_open_stop_collecting_on_the_general_path():
-    """The decode fast path does not close a candidate that has collected ``obs_window`` queries
-    (it leaves its tail next step); a later forward on the general path (here a two-token chunk)
-    must not give it one more: counts and shares equal a run that never took the fast path."""
+def test_a_candidate_stops_collecting_after_obs_window_queries_across_paths():
+    """A decode-time candidate collects exactly ``obs_window`` queries, also when the fast path
+    took the first ones and a general-path forward (here a two-token chunk) comes after: counts
+    and shares equal a run that never took the fast path."""
     model = planted_model(layers=2)
     ids = ids_without_sink(52, seed=7)
     ids[0, 40] = QUIET  # a decode-time candidate at column 40
