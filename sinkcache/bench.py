@@ -302,6 +302,19 @@ def built_label(cfg: dict) -> str:
 # ---- the sweep -------------------------------------------------------------------------------
 
 
+def check_specs(specs: Sequence[CacheSpec], model: Any, tokenizer: Any = None) -> None:
+    """Build every cache once, before anything is measured: an option a cache rejects (e.g. a
+    hybrid budget too small for its sinks) fails in seconds, naming the cache, instead of after
+    the caches before it were measured (and their results lost)."""
+    for spec in specs:
+        try:
+            cache = spec.build(model, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"cache {spec.name!r}: {e}") from None
+        if hasattr(cache, "detach"):
+            cache.detach()  # sinks="auto" and attention scorers hook the model
+
+
 def run_bench(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -325,6 +338,7 @@ def run_bench(
         raise ValueError(f"context {max(contexts)} exceeds the {prompt_ids.shape[1]} prompt tokens available")
     if reps < 1 or decode_tokens < 1:
         raise ValueError(f"reps={reps} and decode_tokens={decode_tokens} must be >= 1")
+    check_specs(specs, model, tokenizer)
     base, others = specs[0], list(specs[1:])
     runs: list[Run] = []
     with torch.inference_mode():

@@ -33,6 +33,7 @@ from .bench import (
     _prefill,
     built_config,
     built_label,
+    check_specs,
     kv_bytes,
     machine_line,
     steady_tps,
@@ -99,6 +100,7 @@ def fixed_memory_throughput(
             f"kv_budget_bytes={kv_budget_bytes} must be > 0, max_batch={max_batch} >= 1 and "
             f"decode_tokens={decode_tokens} >= 2 (the first step is reported apart)"
         )
+    check_specs(specs, model, tokenizer)
     device = next(model.parameters()).device
     rows: list[ThroughputRow] = []
     with torch.inference_mode():

@@ -66,6 +66,21 @@ def test_bad_throughput_arguments():
         fixed_memory_throughput(None, prompt(10), SPECS, kv_budget_bytes=1, context=4, decode_tokens=1)
 
 
+def test_a_cache_the_options_reject_fails_before_anything_is_measured(tiny, monkeypatch):
+    """A spec whose options its cache rejects (here a hybrid budget too small for its sink) fails up
+    front, naming the cache, before the specs listed before it are measured."""
+    import sinkcache.throughput as tp
+
+    model = tiny("llama", attn="sdpa")
+    bad = CacheSpec("hybrid-small", "hybrid", "sinkcache", dict(policy="hybrid", bits=2, budget=20, window=8, group_size=16))
+    runs: list[str] = []
+    real = tp._run
+    monkeypatch.setattr(tp, "_run", lambda m, spec, *a: runs.append(spec.name) or real(m, spec, *a))
+    with pytest.raises(ValueError, match="cache 'hybrid-small': budget=20"):
+        fixed_memory_throughput(model, prompt(80), [*SPECS, bad], kv_budget_bytes=2**20, context=32, decode_tokens=2, log=None)
+    assert runs == []
+
+
 def test_bench_refuses_a_device_it_cannot_use():
     # bench shares compare's/eval's --device check (sinkcache.placement): no silent CPU fallback
     from sinkcache.bench import bench
