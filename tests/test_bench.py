@@ -154,6 +154,20 @@ def test_run_bench_rejects_bad_setups(tiny):
         CacheSpec("x", "x", "nope").build(model)
 
 
+def test_run_bench_builds_every_cache_before_measuring(tiny, monkeypatch):
+    """A cache whose options are rejected fails before any cache is measured, naming it."""
+    import sinkcache.bench as bench_mod
+
+    model = tiny("llama", attn="sdpa")
+    bad = CacheSpec("hybrid-small", "hybrid", "sinkcache", dict(policy="hybrid", bits=2, budget=20, window=8, group_size=16))
+    measured: list[int] = []
+    real = bench_mod._prefill
+    monkeypatch.setattr(bench_mod, "_prefill", lambda *a, **k: measured.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match="cache 'hybrid-small': budget=20"):
+        run_bench(model, prompt(40), contexts=(30,), specs=[*SPECS, bad], reps=1, decode_tokens=1, log=None)
+    assert measured == []
+
+
 def test_bench_subcommand_is_registered():
     args = build_parser().parse_args(["bench", "--quick", "--contexts", "64,128", "--caches", "int4,evict"])
     assert args.quick and args.contexts == "64,128" and args.threads == 1
