@@ -80,6 +80,14 @@ def _ci(ratios: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, 
     return meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
 
 
+def write_json(path: str | None, obj: dict) -> None:
+    """Write a result file (creating its folder) and say so; nothing when ``path`` is ``None``."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=1, default=str) + "\n")
+        print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -132,10 +140,7 @@ def main() -> None:
         }
         print(f"{name_a:>12} {name_b:>14} {ms_a:7.1f} {ms_b:7.1f} {med:11.3f} [{lo:.3f}, {hi:.3f}] {first:10.2f}")
     out["load_avg_after"] = os.getloadavg()
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
-        print(f"wrote {a.out}")
+    write_json(a.out, out)
 
 
 if __name__ == "__main__":

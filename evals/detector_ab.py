@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_step_bench import _ci, _step, prompt_ids  # noqa: E402
+from decode_step_bench import _ci, _step, prompt_ids, write_json  # noqa: E402
 
 POLICIES = {"int2": dict(policy="quantize", bits=2), "evict": dict(policy="evict", budget=1024)}
 
@@ -111,10 +110,7 @@ def main() -> None:
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "torch": torch.__version__,
     }
     print(f"{a.cache}: new/old step {med:.3f} [{lo:.3f}, {hi:.3f}] over {len(ratios)} step pairs; same tokens: {same}")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
-        print(f"wrote {a.out}")
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ splits its time into tensor ops and the rest (Python), per step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_step_bench import _ci, _step, prompt_ids  # noqa: E402
+from decode_step_bench import _ci, _step, prompt_ids, write_json  # noqa: E402
 
 
 def _profile(model, cache, tok0: torch.Tensor, steps: int) -> dict:
@@ -137,10 +136,7 @@ def main() -> None:
         print(f"profiled: detector {p['detector_ms_per_step']:.1f} ms/step, of which tensor ops {p['tensor_ops_ms_per_step']:.1f} "
               f"({p['ops_per_step']:.0f} ops/step)")
     res["load_avg_after"] = os.getloadavg()
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
-        print(f"wrote {a.out}")
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":
