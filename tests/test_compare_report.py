@@ -41,6 +41,14 @@ def test_pairs_are_ours_against_baseline_and_peer_at_the_same_setting():
     assert base["n_docs"] == {PK: 60}
 
 
+def test_the_default_eviction_is_paired_with_its_sink_ablation_and_the_recent_window():
+    n = 40
+    cells = [_rec(Cell(p, budget=25.0), [float(i % 2) for i in range(n)], [0.0] * n)
+             for p in ("sink-evict-tova-pooled", "nosink-evict-tova-pooled", "recent-evict")]
+    comps = comparisons([_rec(Cell("full"), [1.0] * n, [0.0] * n, kv=1.0), *cells], iters=200)
+    assert [(c["other"], c["kind"]) for c in comps] == [("recent-evict_b25", "baseline"), ("nosink-evict-tova-pooled_b25", "baseline")]
+
+
 def test_results_report_intervals_and_verdicts(tmp_path):
     recs = _grid()
     write_results(tmp_path, "tiny", recs, {"limit": 60, "seed": 0, "command": "x"}, with_plot=False)

@@ -259,6 +259,14 @@ def test_tova_pooled_cell_builds_the_pooled_scorer(model, tok):
     assert (d["score"], d["scorer"], d["sinks"], d["window"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 50)
 
 
+def test_nosink_tova_pooled_cell_is_the_default_eviction_without_sinks(model, tok):
+    """The sink ablation of the default eviction: same scorer, same window and budget, no sinks."""
+    ours = _built_at_400(Cell("sink-evict-tova-pooled", budget=25.0), model, tok)
+    d = _built_at_400(Cell("nosink-evict-tova-pooled", budget=25.0), model, tok)
+    assert (d["score"], d["sinks"], d["sink_selector"]) == ("tova-pooled", "none", "NoSinks")
+    assert (d["window"], d["budget"]) == (ours["window"], 100)
+
+
 def test_compare_budgets_below_one_percent_raise():
     with pytest.raises(ValueError, match="write 50"):
         plan(["sink-evict"], [0.5])

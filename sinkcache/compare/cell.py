@@ -30,6 +30,9 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "sink-evict-tova-w32": {"policy": "evict", "sinks": "auto", "score": "tova", "window": 32},
     # TOVA pooled over the layer's heads, as kvpress's TOVAPress scores (one token set per layer).
     "sink-evict-tova-pooled": {"policy": "evict", "sinks": "auto", "score": "tova-pooled"},
+    # The sink ablation of the default eviction: the same scorer and window, no sinks kept. TOVA
+    # keeps tokens that draw attention, sinks included, so this asks what explicit protection adds.
+    "nosink-evict-tova-pooled": {"policy": "evict", "sinks": "none", "score": "tova-pooled"},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},

@@ -30,6 +30,7 @@ POLICIES: dict[str, tuple[str, str, str]] = {
     "sink-hybrid": ("ours", "hybrid", "sink-aware hybrid: KIVI quantization + eviction of whole groups"),
     "recent-evict": ("baseline", "evict", "no-sink eviction: pure recent window"),
     "streamingllm": ("baseline", "evict", "StreamingLLM: first 4 tokens + recent window"),
+    "nosink-evict-tova-pooled": ("baseline", "evict", "the default eviction without sinks: tova-pooled scores + recent window, sinks='none'"),
     "kivi": ("baseline", "quant", "plain KIVI quantization (no sink protection)"),
     "nosink-hybrid": ("baseline", "hybrid", "the hybrid without sinks: KIVI quantization + eviction of whole groups"),
     "hf-quanto": ("peer", "quant", "transformers QuantizedCache, optimum-quanto backend"),

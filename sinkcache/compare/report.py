@@ -30,6 +30,9 @@ _EVICT_OURS = (
 BASELINE_OF = {
     **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-quant-auto-refine": "kivi", "sink-hybrid": "nosink-hybrid",
 }
+#: ours -> the same cache without sinks, a second baseline where the first (``BASELINE_OF``) also
+#: differs in more than the sinks (the recent window has no scorer either).
+SINK_ABLATION_OF = {"sink-evict-tova-pooled": "nosink-evict-tova-pooled"}
 #: Bits/byte differences wholly inside +-this are ties whatever their interval says: the smallest
 #: difference anyone would act on is orders of magnitude larger, while two cells that keep the same
 #: tokens still differ by float rounding (~1e-7 bits/byte; gemma3's pooled vs per-head TOVA).
@@ -147,6 +150,7 @@ def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dic
         if POLICIES.get(pol, ("",))[0] != "ours":
             continue
         others = [("baseline", BASELINE_OF[pol])] if pol in BASELINE_OF else []
+        others += [("baseline", SINK_ABLATION_OF[pol])] if pol in SINK_ABLATION_OF else []
         others += [("ours" if POLICIES.get(p, ("",))[0] == "ours" else "peer", p) for p in PEERS_OF.get(pol, ())]
         for kind, other in others:
             o = by.get((other, _setting(r)))
