@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from sinkcache.compare.plan import Cell
-from sinkcache.compare.report import analyse, comparisons, informative_tasks, write_results
+from sinkcache.compare.report import against_full, analyse, comparisons, informative_tasks, write_results
 
 PK, VT = "sinkcache_passkey", "sinkcache_variable_tracking"
 
@@ -49,11 +51,26 @@ def test_the_default_eviction_is_paired_with_its_sink_ablation_and_the_recent_wi
     assert [(c["other"], c["kind"]) for c in comps] == [("recent-evict_b25", "baseline"), ("nosink-evict-tova-pooled_b25", "baseline")]
 
 
+def test_every_cell_is_paired_with_the_full_cache_of_its_task_set():
+    recs = _grid()
+    n = 60
+    same = [f"h{i}" for i in range(n)]
+    recs.append(_ruler_rec(Cell("full", tasks=("ruler_vt@512",)), {"ruler_vt@512": [1.0] * n}, {"ruler_vt@512": same}))
+    recs.append(_ruler_rec(Cell("kivi", bits=2, tasks=("ruler_vt@512",)), {"ruler_vt@512": [0.0] * 30 + [1.0] * 30}, {"ruler_vt@512": same}))
+    got = {d["ours"]: d for d in against_full(recs, iters=300)}
+    assert set(got) == {"kivi_2bit", "sink-quant_2bit", "hf-quanto_2bit", "kivi_2bit_ruler"}
+    assert {d["other"] for k, d in got.items()} == {"full", "full_ruler"} and got["kivi_2bit_ruler"]["other"] == "full_ruler"
+    kivi = sum(recs[1]["docs"][PK].values()) / n
+    assert got["kivi_2bit"]["suite"]["mean"] == pytest.approx(kivi - 1.0) and got["kivi_2bit"]["suite"]["verdict"] == "loss"
+    assert got["kivi_2bit_ruler"]["ruler"]["mean"] == pytest.approx(-0.5) and got["kivi_2bit"]["kind"] == "reference"
+
+
 def test_results_report_intervals_and_verdicts(tmp_path):
     recs = _grid()
     write_results(tmp_path, "tiny", recs, {"limit": 60, "seed": 0, "command": "x"}, with_plot=False)
     md = (tmp_path / "results.md").read_text()
     assert "## Paired differences at matched settings" in md and "**win**" in md
+    assert "## What each cell costs against the full cache" in md and "| kivi_2bit | full | reference |" in md
     assert "left out of the score because the full cache scores 0 on them: vt" in md
     data = json.loads((tmp_path / "results.json").read_text())
     iv = data["analysis"]["intervals"]["kivi_2bit"]["suite"]

@@ -163,6 +163,24 @@ def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dic
     return out
 
 
+def against_full(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dict[str, Any]]:
+    """What each compressed cell costs: ``cell - full`` over shared documents, suite cells against the
+    suite's full cell and RULER cells against the RULER full cell (kind ``"reference"``)."""
+    tasks = informative_tasks(records)
+    ruler = informative_tasks(records, ruler=True)
+    fulls = {_ruler_only(r): r for r in records if r["cell"]["policy"] == "full" and r.get("docs")}
+    out = []
+    for r in records:
+        f = fulls.get(_ruler_only(r))
+        if f is None or r is f or not r.get("docs"):
+            continue
+        d = paired(f, r, tasks, iters=iters, ruler=ruler)
+        d.update(kind="reference", ours=r["cell_id"], other=f["cell_id"], setting=r["setting"],
+                 kv_ratio_ours=r["summary"].get("kv_ratio"), kv_ratio_other=f["summary"].get("kv_ratio"))
+        out.append(d)
+    return out
+
+
 def fmt(iv: dict[str, Any] | Interval | None, nd: int = 3) -> str:
     """``0.412 [0.371, 0.455]``, or a dash."""
     if iv is None:
@@ -228,8 +246,10 @@ def table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]] | 
     return "\n".join(rows)
 
 
-def pairs_table(comps: list[dict[str, Any]]) -> str:
-    """Paired differences ``ours - other`` at the same nominal setting (a RULER column when any pair has one)."""
+def pairs_table(comps: list[dict[str, Any]], *, matched: bool = True) -> str:
+    """Paired differences ``ours - other`` at the same nominal setting (a RULER column when any pair has one).
+    ``matched=False``: the pairs differ in memory by design (cells against the full cache), so unequal
+    bytes are not flagged."""
     with_ruler = any(d.get("ruler") for d in comps)
     rows = [
         "| ours | vs | kind | setting | KV % ours / other | Δ suite score [95% CI] | Δ bits/byte [95% CI] (lower is better) | docs |"
@@ -238,7 +258,7 @@ def pairs_table(comps: list[dict[str, Any]]) -> str:
     ]
     for d in comps:
         kv = f"{_f(100 * (d.get('kv_ratio_ours') or 0), 1)} / {_f(100 * (d.get('kv_ratio_other') or 0), 1)}"
-        if d.get("kv_ratio_ours") and d.get("kv_ratio_other") and abs(d["kv_ratio_ours"] / d["kv_ratio_other"] - 1) > 0.10:
+        if matched and d.get("kv_ratio_ours") and d.get("kv_ratio_other") and abs(d["kv_ratio_ours"] / d["kv_ratio_other"] - 1) > 0.10:
             # same nominal setting, different measured bytes: say so where the verdict is read
             kv += f" (**not matched**: ours {d['kv_ratio_ours'] / d['kv_ratio_other']:.2f}x)"
         n = sum((d.get("n_docs") or {}).values())
@@ -297,6 +317,7 @@ def analyse(records: list[dict[str, Any]], *, iters: int = 2000) -> dict[str, An
         "excluded_ruler_tasks": [t for t in ruler_tasks(records) if t not in ruler],
         "intervals": {r["cell_id"]: cell_intervals(r, tasks, iters=iters, ruler=ruler) for r in records if r.get("docs")},
         "comparisons": comparisons([r for r in records if r.get("docs")], iters=iters),
+        "against_full": against_full(records, iters=iters),
         "bootstrap": {"iters": iters, "level": 0.95, "seed": 0, "resampled": "documents, within each task"},
     }
 
@@ -409,6 +430,21 @@ def markdown(model: str, records: list[dict[str, Any]], meta: dict[str, Any], an
         "at equal memory.",
         "",
         pairs_table(analysis.get("comparisons") or []),
+        "",
+    ]
+    if analysis.get("against_full"):
+        lines += [
+            "## What each cell costs against the full cache",
+            "",
+            "`cell - full` over the documents both scored (suite cells against `full`, RULER cells against "
+            "`full_ruler`); a **loss** is a cost resolved at this many documents, a tie is a cost too small to "
+            "resolve here (not proof of none).",
+            "",
+            pairs_table(analysis["against_full"], matched=False),
+            "",
+        ]
+    lines += [
+        "## Policies",
         "",
         "| policy | group | what |",
         "|---|---|---|",
