@@ -1,0 +1,50 @@
+"""``evals/summary_tables.py``: README's tables come from a compare folder's results.json, pairs
+missing from a folder print as dashes, and the cost table shows the cells asked for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+from sinkcache.compare.plan import Cell
+from sinkcache.compare.report import write_results
+
+EVALS = Path(__file__).resolve().parents[1] / "evals"
+PK = "sinkcache_passkey"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("summary_tables", EVALS / "summary_tables.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(cell: Cell, pk: list[float], kv: float) -> dict:
+    summary = {"per_task": {PK: sum(pk) / len(pk)}, "suite_score": None, "bits_per_byte": None, "kv_ratio": kv,
+               "mean_kv_bytes": 1.0, "mean_full_kv_bytes": 5.0}
+    return {"cell": cell.to_dict(), "cell_id": cell.cell_id, "group": cell.group, "setting": cell.setting,
+            "docs": {PK: {str(i): v for i, v in enumerate(pk)}}, "n_docs": {PK: len(pk)}, "summary": summary,
+            "scores": {}, "memory": {}, "time_s": {"wall": 1.0}}
+
+
+def test_tables_read_the_pairs_and_mark_what_did_not_run(tmp_path, capsys):
+    n = 50
+    rng = random.Random(1)
+    kivi = [float(rng.random() < 0.3) for _ in range(n)]
+    recs = [_rec(Cell("full"), [1.0] * n, 1.0), _rec(Cell("kivi", bits=2), kivi, 0.185),
+            _rec(Cell("sink-quant", bits=2), [1.0 if k else float(rng.random() < 0.5) for k in kivi], 0.187)]
+    write_results(tmp_path, "tiny", recs, {"limit": n, "seed": 0, "command": "x"}, with_plot=False)
+    mod = _load()
+    mod.main([str(tmp_path), "--cost-cells", "kivi_2bit"])
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    want = next(c for c in data["analysis"]["comparisons"] if c["ours"] == "sink-quant_2bit")["suite"]
+    row = next(line for line in out.splitlines() if line.startswith("| int2 |"))
+    assert f"{want['mean']:+.3f}".replace("-", "−") in row and "win" in row and "18.7 / 18.5" in row
+    assert "| int4 |" not in out  # no int4 cells in this folder: the row is left out
+    cost = [line for line in out.splitlines() if line.startswith("| kivi_2bit |")]
+    assert len(cost) == 1 and "loss" in cost[0] and "sink-quant_2bit |" not in out.split("| cell |")[1]
