@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from sinkcache.compare.plan import Cell
 from sinkcache.compare.report import write_results
 
@@ -48,3 +50,19 @@ def test_tables_read_the_pairs_and_mark_what_did_not_run(tmp_path, capsys):
     assert "| int4 |" not in out  # no int4 cells in this folder: the row is left out
     cost = [line for line in out.splitlines() if line.startswith("| kivi_2bit |")]
     assert len(cost) == 1 and "loss" in cost[0] and "sink-quant_2bit |" not in out.split("| cell |")[1]
+
+
+def test_fill_rewrites_only_the_marked_blocks(tmp_path):
+    n = 30
+    recs = [_rec(Cell("full"), [1.0] * n, 1.0), _rec(Cell("kivi", bits=2), [0.0] * n, 0.185)]
+    write_results(tmp_path / "r", "tiny", recs, {"limit": n, "seed": 0, "command": "x"}, with_plot=False)
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- summary_tables cost kivi_2bit -->\nstale table\n<!-- /summary_tables -->\noutro\n")
+    mod = _load()
+    mod.main([str(tmp_path / "r"), "--fill", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- summary_tables cost kivi_2bit -->\n| cell |") and text.endswith("<!-- /summary_tables -->\noutro\n")
+    assert "stale table" not in text and "| kivi_2bit | 18.5 | **−1.000" in text
+    doc.write_text("no blocks")
+    with pytest.raises(SystemExit, match="no <!-- summary_tables"):
+        mod.main([str(tmp_path / "r"), "--fill", str(doc)])
