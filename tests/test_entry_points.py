@@ -267,6 +267,11 @@ def test_nosink_tova_pooled_cell_is_the_default_eviction_without_sinks(model, to
     assert (d["window"], d["budget"]) == (ours["window"], 100)
 
 
+def test_sink_quant_first_cell_builds_first_token_sinks(model, tok):
+    d = _built_at_400(Cell("sink-quant-first", bits=2), model, tok)
+    assert (d["policy"], d["bits"], d["sinks"], d["sink_selector"], d["n_first"]) == ("quantize", 2, "first", "FirstSinks", 1)
+
+
 def test_compare_budgets_below_one_percent_raise():
     with pytest.raises(ValueError, match="write 50"):
         plan(["sink-evict"], [0.5])

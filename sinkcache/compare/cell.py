@@ -36,6 +36,8 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},
+    # The library's default sink selector (the grid's sink-quant measures "auto").
+    "sink-quant-first": {"policy": "quantize", "sinks": "first"},
     "kivi": {"policy": "quantize", "sinks": "none"},
     # The design issue 14 measured on held-out text: first-token sink + 14% of each block refined.
     "sink-quant-refine": {"policy": "quantize", "sinks": "first", "refine": 0.14},

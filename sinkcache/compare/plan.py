@@ -25,6 +25,7 @@ POLICIES: dict[str, tuple[str, str, str]] = {
     "sink-evict-snapkv": ("ours", "evict", "sink-aware eviction scored by the last 32 queries' attention (SnapKV-class)"),
     "sink-evict-h2o": ("ours", "evict", "sink-aware eviction scored by accumulated attention (H2O-class)"),
     "sink-quant": ("ours", "quant", "sink-aware KIVI quantization: auto sinks kept exact"),
+    "sink-quant-first": ("ours", "quant", "KIVI quantization with the library's default sinks: the first token kept exact"),
     "sink-quant-refine": ("ours", "quant", "sink-aware KIVI + refinement: first-token sink exact, the most attended 14% of each block +2 bits"),
     "sink-quant-auto-refine": ("ours", "quant", "sink-aware KIVI + refinement: measured (auto) sinks exact, the most attended 14% of each block +2 bits"),
     "sink-hybrid": ("ours", "hybrid", "sink-aware hybrid: KIVI quantization + eviction of whole groups"),

@@ -28,7 +28,7 @@ _EVICT_OURS = (
     "sink-evict", "sink-evict-tova", "sink-evict-tova-w32", "sink-evict-tova-pooled", "sink-evict-snapkv", "sink-evict-h2o",
 )
 BASELINE_OF = {
-    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-refine": "kivi", "sink-quant-auto-refine": "kivi", "sink-hybrid": "nosink-hybrid",
+    **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-first": "kivi", "sink-quant-refine": "kivi", "sink-quant-auto-refine": "kivi", "sink-hybrid": "nosink-hybrid",
 }
 #: ours -> the same cache without sinks, a second baseline where the first (``BASELINE_OF``) also
 #: differs in more than the sinks (the recent window has no scorer either).
@@ -47,6 +47,7 @@ PEERS_OF = {
     # variants of the TOVA cell are also compared with the default one
     **{p: ("sink-evict-tova", "sink-evict", *_EVICT_PEERS) for p in ("sink-evict-tova-w32", "sink-evict-tova-pooled")},
     "sink-quant": ("hf-quanto", "hf-hqq"),
+    "sink-quant-first": ("sink-quant", "hf-quanto", "hf-hqq"),
     "sink-quant-refine": ("sink-quant", "hf-quanto", "hf-hqq"),
     "sink-quant-auto-refine": ("sink-quant", "sink-quant-refine", "hf-quanto", "hf-hqq"),
 }
