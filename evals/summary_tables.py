@@ -32,6 +32,7 @@ SINK_ROWS = [
     ("int2, measured sinks (`auto`)", "sink-quant_2bit", "kivi_2bit"),
     ("int2, first token (default)", "sink-quant-first_2bit", "kivi_2bit"),
     ("int2, RULER, measured sinks", "sink-quant_2bit_ruler", "kivi_2bit_ruler"),
+    *[(f"evict {b}%, window only: first 4 tokens (StreamingLLM) vs none", f"streamingllm_b{b}", f"recent-evict_b{b}") for b in ("50", "25", "12.5")],
     *[(f"evict {b}% (tova-pooled): sinks vs none", f"sink-evict-tova-pooled_b{b}", f"nosink-evict-tova-pooled_b{b}") for b in ("50", "25", "12.5")],
     *[(f"evict {b}%: sink-evict (tova-pooled) vs recent window", f"sink-evict-tova-pooled_b{b}", f"recent-evict_b{b}") for b in ("50", "25", "12.5")],
     *[(f"evict {b}%: sink-evict (key norm) vs recent window", f"sink-evict_b{b}", f"recent-evict_b{b}") for b in ("50", "25", "12.5")],

@@ -65,6 +65,13 @@ def test_every_cell_is_paired_with_the_full_cache_of_its_task_set():
     assert got["kivi_2bit_ruler"]["ruler"]["mean"] == pytest.approx(-0.5) and got["kivi_2bit"]["kind"] == "reference"
 
 
+def test_streamingllm_is_paired_with_the_window_alone_and_nothing_else():
+    n = 40
+    recs = [_rec(Cell(p, budget=25.0), [float(i % 2) for i in range(n)], [0.0] * n) for p in ("streamingllm", "recent-evict", "kvpress-tova")]
+    comps = comparisons([_rec(Cell("full"), [1.0] * n, [0.0] * n, kv=1.0), *recs], iters=200)
+    assert [(c["ours"], c["other"], c["kind"]) for c in comps] == [("streamingllm_b25", "recent-evict_b25", "baseline")]
+
+
 def test_results_report_intervals_and_verdicts(tmp_path):
     recs = _grid()
     write_results(tmp_path, "tiny", recs, {"limit": 60, "seed": 0, "command": "x"}, with_plot=False)

@@ -32,7 +32,11 @@ BASELINE_OF = {
 }
 #: ours -> the same cache without sinks, a second baseline where the first (``BASELINE_OF``) also
 #: differs in more than the sinks (the recent window has no scorer either).
-SINK_ABLATION_OF = {"sink-evict-tova-pooled": "nosink-evict-tova-pooled"}
+SINK_ABLATION_OF = {
+    "sink-evict-tova-pooled": "nosink-evict-tova-pooled",
+    # a window-only cache with and without its first 4 tokens: the sinks' effect with no scorer at all
+    "streamingllm": "recent-evict",
+}
 #: Bits/byte differences wholly inside +-this are ties whatever their interval says: the smallest
 #: difference anyone would act on is orders of magnitude larger, while two cells that keep the same
 #: tokens still differ by float rounding (~1e-7 bits/byte; gemma3's pooled vs per-head TOVA).
@@ -148,11 +152,13 @@ def comparisons(records: list[dict[str, Any]], *, iters: int = 2000) -> list[dic
     out = []
     for r in records:
         pol = r["cell"]["policy"]
-        if POLICIES.get(pol, ("",))[0] != "ours":
+        ours = POLICIES.get(pol, ("",))[0] == "ours"
+        if not ours and pol not in SINK_ABLATION_OF:
             continue
         others = [("baseline", BASELINE_OF[pol])] if pol in BASELINE_OF else []
         others += [("baseline", SINK_ABLATION_OF[pol])] if pol in SINK_ABLATION_OF else []
-        others += [("ours" if POLICIES.get(p, ("",))[0] == "ours" else "peer", p) for p in PEERS_OF.get(pol, ())]
+        if ours:
+            others += [("ours" if POLICIES.get(p, ("",))[0] == "ours" else "peer", p) for p in PEERS_OF.get(pol, ())]
         for kind, other in others:
             o = by.get((other, _setting(r)))
             if o is None:
