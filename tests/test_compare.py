@@ -376,7 +376,9 @@ def test_sweep_resumes_and_writes_results(tmp_path):
     assert res3["skipped"] == 0 and len(calls) == 11
     write_results(tmp_path, "tiny", res3["done"], {"limit": 2, "seed": 0, "planned": 5, "command": "sinkcache compare tiny"})
     md = (tmp_path / "results.md").read_text()
-    assert "| ours | sink-evict | 50% tokens | 50.0 |" in md and "kivi_2bit" not in md and "| baseline | kivi | int2 | 6.2 |" in md
+    cells_table = md.split("## Paired differences")[0]  # the per-cell table names policies, not cell ids
+    assert "| ours | sink-evict | 50% tokens | 50.0 |" in cells_table and "kivi_2bit" not in cells_table
+    assert "| baseline | kivi | int2 | 6.2 |" in cells_table and "| kivi_2bit | full | reference |" in md
     data = json.loads((tmp_path / "results.json").read_text())
     assert [c["cell_id"] for c in data["cells"]] == [c.cell_id for c in interleave(cells)]
     png = tmp_path / "accuracy_vs_kv_memory.png"
