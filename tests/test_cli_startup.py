@@ -3,21 +3,14 @@ they imported torch (they must not: that is what made ``--help`` take 7 s)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-EVALS = Path(__file__).resolve().parents[1] / "evals"
+from evals_scripts import load_eval_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("cli_startup", EVALS / "cli_startup.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("cli_startup")
 
 
 def test_light_commands_are_timed_and_do_not_import_torch(tmp_path):

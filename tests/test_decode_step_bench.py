@@ -3,22 +3,14 @@ their configuration back from the built objects (toy model; the real run is a co
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import prompt
-
-EVALS = Path(__file__).resolve().parents[1] / "evals"
+from evals_scripts import load_eval_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("decode_step_bench", EVALS / "decode_step_bench.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("decode_step_bench")
 
 
 def test_lockstep_times_every_step_of_both_caches_and_records_what_was_built(tiny):

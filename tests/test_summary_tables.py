@@ -3,26 +3,20 @@ missing from a folder print as dashes, and the cost table shows the cells asked 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
+from evals_scripts import load_eval_script
 
 from sinkcache.compare.plan import Cell
 from sinkcache.compare.report import write_results
 
-EVALS = Path(__file__).resolve().parents[1] / "evals"
 PK = "sinkcache_passkey"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("summary_tables", EVALS / "summary_tables.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_eval_script("summary_tables")
 
 
 def _rec(cell: Cell, pk: list[float], kv: float) -> dict:
