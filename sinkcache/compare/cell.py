@@ -33,9 +33,6 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     # The sink ablation of the default eviction: the same scorer and window, no sinks kept. TOVA
     # keeps tokens that draw attention, sinks included, so this asks what explicit protection adds.
     "nosink-evict-tova-pooled": {"policy": "evict", "sinks": "none", "score": "tova-pooled"},
-    # Pooled TOVA whose scores fade instead of being replaced (issue 15: keep what the prompt's last
-    # query found while the answer is decoded, at a fixed budget).
-    "sink-evict-tova-decay": {"policy": "evict", "sinks": "auto", "score": "tova-decay"},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},

@@ -6,7 +6,6 @@ name        a held token's score                                                
 keynorm     ``-||k||`` at arrival (Devoto et al.); query-free                          nothing
 tova        attention from the newest query, replaced every forward (TOVA)            ``model=``
 tova-pooled the same, averaged over the layer's heads per token (TOVA paper, kvpress)   ``model=``
-tova-decay  tova-pooled with a memory: ``max(attention now, 0.9 x old score)``           ``model=``
 snapkv      mean attention from the last 32 queries, pooled at prefill (SnapKV)       ``model=``
 h2o         attention accumulated over every query since arrival (H2O)                ``model=``
 ==========  ========================================================================  ============
@@ -21,7 +20,6 @@ from .h2o import H2OScorer
 from .keynorm import KeyNormScorer
 from .snapkv import SnapKVScorer
 from .tova import TOVAScorer
-from .tova_decay import DecayedTOVAScorer
 from .tova_pooled import PooledTOVAScorer
 
 SCORERS: dict[str, type[Scorer]] = {
@@ -30,7 +28,6 @@ SCORERS: dict[str, type[Scorer]] = {
     "snapkv": SnapKVScorer,
     "h2o": H2OScorer,
     "tova-pooled": PooledTOVAScorer,
-    "tova-decay": DecayedTOVAScorer,
 }
 SCORE_NAMES = tuple(SCORERS)
 #: The scorer ``policy="evict"`` uses when none is given (see README: why).
@@ -58,4 +55,4 @@ def make_scorer(score: str | Scorer) -> Scorer:
     return SCORERS[score]()
 
 
-__all__ = ["DEFAULT_SCORE", "QUERY_FREE_SCORE", "default_score", "SCORERS", "SCORE_NAMES", "DecayedTOVAScorer", "H2OScorer", "KeyNormScorer", "PooledTOVAScorer", "Scorer", "SnapKVScorer", "TOVAScorer", "make_scorer"]
+__all__ = ["DEFAULT_SCORE", "QUERY_FREE_SCORE", "default_score", "SCORERS", "SCORE_NAMES", "H2OScorer", "KeyNormScorer", "PooledTOVAScorer", "Scorer", "SnapKVScorer", "TOVAScorer", "make_scorer"]
