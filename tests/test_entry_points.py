@@ -259,6 +259,11 @@ def test_tova_pooled_cell_builds_the_pooled_scorer(model, tok):
     assert (d["score"], d["scorer"], d["sinks"], d["window"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 50)
 
 
+def test_tova_pooled_w32_cell_is_the_default_eviction_with_a_32_token_window(model, tok):
+    d = _built_at_400(Cell("sink-evict-tova-pooled-w32", budget=25.0), model, tok)
+    assert (d["score"], d["scorer"], d["sinks"], d["window"], d["budget"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 32, 100)
+
+
 def test_nosink_tova_pooled_cell_is_the_default_eviction_without_sinks(model, tok):
     """The sink ablation of the default eviction: same scorer, same window and budget, no sinks."""
     ours = _built_at_400(Cell("sink-evict-tova-pooled", budget=25.0), model, tok)

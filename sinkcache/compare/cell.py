@@ -33,6 +33,9 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     # The sink ablation of the default eviction: the same scorer and window, no sinks kept. TOVA
     # keeps tokens that draw attention, sinks included, so this asks what explicit protection adds.
     "nosink-evict-tova-pooled": {"policy": "evict", "sinks": "none", "score": "tova-pooled"},
+    # The default scorer with a 32-token recent window instead of min(256, budget // 2): kvpress's
+    # TOVA protects only the newest token, so at small budgets ours scores half as many tokens.
+    "sink-evict-tova-pooled-w32": {"policy": "evict", "sinks": "auto", "score": "tova-pooled", "window": 32},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},
