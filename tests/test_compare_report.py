@@ -51,6 +51,15 @@ def test_the_default_eviction_is_paired_with_its_sink_ablation_and_the_recent_wi
     assert [(c["other"], c["kind"]) for c in comps] == [("recent-evict_b25", "baseline"), ("nosink-evict-tova-pooled_b25", "baseline")]
 
 
+def test_the_smaller_window_variant_is_paired_with_the_default_eviction_and_kvpress_tova():
+    n = 40
+    cells = [_rec(Cell(p, budget=25.0), [float(i % 2) for i in range(n)], [0.0] * n)
+             for p in ("sink-evict-tova-pooled-w32", "sink-evict-tova-pooled", "kvpress-tova", "recent-evict")]
+    comps = comparisons([_rec(Cell("full"), [1.0] * n, [0.0] * n, kv=1.0), *cells], iters=200)
+    got = [(c["other"], c["kind"]) for c in comps if c["ours"] == "sink-evict-tova-pooled-w32_b25"]
+    assert got == [("recent-evict_b25", "baseline"), ("sink-evict-tova-pooled_b25", "ours"), ("kvpress-tova_b25", "peer")]
+
+
 def test_every_cell_is_paired_with_the_full_cache_of_its_task_set():
     recs = _grid()
     n = 60
