@@ -128,8 +128,9 @@ def default_threads() -> int:
     """Torch threads a command uses unless told: one per core, at most 4.
 
     On the 2-core machine `sinkcache demo` ran faster with 2 threads than with 1, with the same
-    answers (an earlier, uncommitted timing; evals/results/demo/demo.txt is the committed run). The cap of 4 is a guard for many-core hosts (small models gain little from more
-    threads), not a measurement. On a busy machine `--threads 1` can be faster."""
+    answers (an earlier, uncommitted timing; evals/results/demo/demo.txt is the committed run). The
+    cap of 4 is a guard for many-core hosts (small models gain little from more threads), not a
+    measurement. On a busy machine `--threads 1` can be faster."""
     return max(1, min(4, os.cpu_count() or 1))
 
 

@@ -9,12 +9,8 @@ import pytest
 from evals_scripts import load_eval_script
 
 
-def _load():
-    return load_eval_script("cli_startup")
-
-
 def test_light_commands_are_timed_and_do_not_import_torch(tmp_path):
-    mod = _load()
+    mod = load_eval_script("cli_startup")
     out = tmp_path / "cli.json"
     mod.main(["--repeats", "1", "--out", str(out)])
     data = json.loads(out.read_text())
@@ -24,4 +20,4 @@ def test_light_commands_are_timed_and_do_not_import_torch(tmp_path):
 
 def test_bad_repeats_raise():
     with pytest.raises(SystemExit, match="--repeats 0"):
-        _load().main(["--repeats", "0"])
+        load_eval_script("cli_startup").main(["--repeats", "0"])

@@ -9,14 +9,10 @@ from conftest import prompt
 from evals_scripts import load_eval_script
 
 
-def _load():
-    return load_eval_script("decode_step_bench")
-
-
 def test_lockstep_times_every_step_of_both_caches_and_records_what_was_built(tiny):
     from sinkcache.bench import default_specs
 
-    mod = _load()
+    mod = load_eval_script("decode_step_bench")
     specs = {s.name: s for s in default_specs(budget=32)}
     model = tiny("llama", attn="sdpa")
     run = mod.lockstep(model, prompt(80), specs["int2"], specs["int2-refine-keynorm"], steps=4)
@@ -28,7 +24,7 @@ def test_lockstep_times_every_step_of_both_caches_and_records_what_was_built(tin
 
 
 def test_prompts_are_seeded_random_tokens_or_held_out_text(byte_tok):
-    mod = _load()
+    mod = load_eval_script("decode_step_bench")
     r = mod.prompt_ids("random", None, 300, 64)
     assert r.shape == (1, 64) and torch.equal(r, mod.prompt_ids("random", None, 300, 64))
     t = mod.prompt_ids("text", byte_tok, 300, 64)
@@ -40,7 +36,7 @@ def test_prompts_are_seeded_random_tokens_or_held_out_text(byte_tok):
 
 
 def test_bootstrap_interval_brackets_the_median():
-    mod = _load()
+    mod = load_eval_script("decode_step_bench")
     ratios = [1.0 + 0.01 * (i % 7) for i in range(60)]
     lo, hi = mod._ci(ratios)
     med = sorted(ratios)[30]

@@ -15,9 +15,6 @@ from sinkcache.compare.report import write_results
 PK = "sinkcache_passkey"
 
 
-def _load():
-    return load_eval_script("summary_tables")
-
 
 def _rec(cell: Cell, pk: list[float], kv: float) -> dict:
     summary = {"per_task": {PK: sum(pk) / len(pk)}, "suite_score": None, "bits_per_byte": None, "kv_ratio": kv,
@@ -34,7 +31,7 @@ def test_tables_read_the_pairs_and_mark_what_did_not_run(tmp_path, capsys):
     recs = [_rec(Cell("full"), [1.0] * n, 1.0), _rec(Cell("kivi", bits=2), kivi, 0.185),
             _rec(Cell("sink-quant", bits=2), [1.0 if k else float(rng.random() < 0.5) for k in kivi], 0.187)]
     write_results(tmp_path, "tiny", recs, {"limit": n, "seed": 0, "command": "x"}, with_plot=False)
-    mod = _load()
+    mod = load_eval_script("summary_tables")
     mod.main([str(tmp_path), "--cost-cells", "kivi_2bit"])
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "results.json").read_text())
@@ -52,7 +49,7 @@ def test_fill_rewrites_only_the_marked_blocks(tmp_path):
     write_results(tmp_path / "r", "tiny", recs, {"limit": n, "seed": 0, "command": "x"}, with_plot=False)
     doc = tmp_path / "README.md"
     doc.write_text("intro\n<!-- summary_tables cost kivi_2bit -->\nstale table\n<!-- /summary_tables -->\noutro\n")
-    mod = _load()
+    mod = load_eval_script("summary_tables")
     mod.main([str(tmp_path / "r"), "--fill", str(doc)])
     text = doc.read_text()
     assert text.startswith("intro\n<!-- summary_tables cost kivi_2bit -->\n| cell |") and text.endswith("<!-- /summary_tables -->\noutro\n")
