@@ -26,7 +26,7 @@ DEBUG_ENV = "SINKCACHE_DEBUG"
 
 POLICIES = ("full", "evict", "quantize", "hybrid")
 SINK_MODES = ("auto", "first", "punct", "none")
-SCORE_NAMES = ("keynorm", "tova", "snapkv", "h2o", "tova-pooled")  # sinkcache.scores.SCORE_NAMES (the CLI imports no torch to parse)
+SCORE_NAMES = ("keynorm", "tova", "snapkv", "h2o", "tova-pooled", "vatp", "tova-span")  # sinkcache.scores.SCORE_NAMES (the CLI imports no torch to parse)
 BITS = (2, 4, 8)
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
 

@@ -311,6 +311,7 @@ class EvictingLayer(CompressingLayer):
     def observe_attention(self, attn: torch.Tensor, n_queries: torch.Tensor, q_len: int) -> None:
         """This forward's attention on the held tokens ``attn`` ``[B, H, T]`` (see
         :func:`sinkcache.scores.observe.attention_received`) updates their scores."""
+        attn = self.scorer.weigh(attn, self.values)
         self.score = self.scorer.update(self.score, attn, n_queries, self.pos, self.seen, q_len)
 
     def _shifted_keys(self, key_states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

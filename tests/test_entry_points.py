@@ -264,6 +264,15 @@ def test_tova_pooled_w32_cell_is_the_default_eviction_with_a_32_token_window(mod
     assert (d["score"], d["scorer"], d["sinks"], d["window"], d["budget"]) == ("tova-pooled", "PooledTOVAScorer()", "auto", 32, 100)
 
 
+@pytest.mark.parametrize(("policy", "score", "scorer"), [
+    ("sink-evict-vatp-w32", "vatp", "VATPScorer()"),
+    ("sink-evict-tova-span-w32", "tova-span", "SpanTOVAScorer(kernel=5)"),
+])
+def test_candidate_scorer_cells_change_only_the_scorer_of_the_w32_cell(model, tok, policy, score, scorer):
+    d = _built_at_400(Cell(policy, budget=25.0), model, tok)
+    assert (d["score"], d["scorer"], d["sinks"], d["window"], d["budget"]) == (score, scorer, "auto", 32, 100)
+
+
 def test_nosink_tova_pooled_cell_is_the_default_eviction_without_sinks(model, tok):
     """The sink ablation of the default eviction: same scorer, same window and budget, no sinks."""
     ours = _built_at_400(Cell("sink-evict-tova-pooled", budget=25.0), model, tok)

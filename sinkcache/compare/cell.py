@@ -36,6 +36,10 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     # The default scorer with a 32-token recent window instead of min(256, budget // 2): kvpress's
     # TOVA protects only the newest token, so at small budgets ours scores half as many tokens.
     "sink-evict-tova-pooled-w32": {"policy": "evict", "sinks": "auto", "score": "tova-pooled", "window": 32},
+    # Two candidates beyond kvpress's TOVA score, both with the 32-token window (issue 15): value-
+    # weighted attention (VATP; sinks are what VATP alone loses) and max-pooled spans.
+    "sink-evict-vatp-w32": {"policy": "evict", "sinks": "auto", "score": "vatp", "window": 32},
+    "sink-evict-tova-span-w32": {"policy": "evict", "sinks": "auto", "score": "tova-span", "window": 32},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},

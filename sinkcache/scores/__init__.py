@@ -8,6 +8,8 @@ tova        attention from the newest query, replaced every forward (TOVA)      
 tova-pooled the same, averaged over the layer's heads per token (TOVA paper, kvpress)   ``model=``
 snapkv      mean attention from the last 32 queries, pooled at prefill (SnapKV)       ``model=``
 h2o         attention accumulated over every query since arrival (H2O)                ``model=``
+vatp        ``tova-pooled`` on attention times the token's value L1 norm (VATP)         ``model=``
+tova-span   ``tova-pooled`` max-pooled over 5 neighbouring held tokens                 ``model=``
 ==========  ========================================================================  ============
 
 Attention scorers are fed by :mod:`sinkcache.scores.observe` (forward hooks; sdpa works).
@@ -21,6 +23,8 @@ from .keynorm import KeyNormScorer
 from .snapkv import SnapKVScorer
 from .tova import TOVAScorer
 from .tova_pooled import PooledTOVAScorer
+from .tova_span import SpanTOVAScorer
+from .vatp import VATPScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     "keynorm": KeyNormScorer,
@@ -28,6 +32,8 @@ SCORERS: dict[str, type[Scorer]] = {
     "snapkv": SnapKVScorer,
     "h2o": H2OScorer,
     "tova-pooled": PooledTOVAScorer,
+    "vatp": VATPScorer,
+    "tova-span": SpanTOVAScorer,
 }
 SCORE_NAMES = tuple(SCORERS)
 #: The scorer ``policy="evict"`` uses when none is given (see README: why).
@@ -55,4 +61,4 @@ def make_scorer(score: str | Scorer) -> Scorer:
     return SCORERS[score]()
 
 
-__all__ = ["DEFAULT_SCORE", "QUERY_FREE_SCORE", "default_score", "SCORERS", "SCORE_NAMES", "H2OScorer", "KeyNormScorer", "PooledTOVAScorer", "Scorer", "SnapKVScorer", "TOVAScorer", "make_scorer"]
+__all__ = ["DEFAULT_SCORE", "QUERY_FREE_SCORE", "default_score", "SCORERS", "SCORE_NAMES", "H2OScorer", "KeyNormScorer", "PooledTOVAScorer", "Scorer", "SnapKVScorer", "SpanTOVAScorer", "TOVAScorer", "VATPScorer", "make_scorer"]

@@ -39,6 +39,12 @@ class Scorer(ABC):
         eviction can happen (layers compress one forward late)."""
         return torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
 
+    def weigh(self, attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The attention ``attn`` ``[B, H, T]`` a forward gave the held tokens, weighed by what they
+        hold (``values`` ``[B, H, T, D]``) before :meth:`update` reads it. Plain attention for every
+        scorer but ``vatp``, which weighs it by the value norm."""
+        return attn
+
     @abstractmethod
     def update(
         self, score: torch.Tensor, attn: torch.Tensor, n_queries: torch.Tensor, pos: torch.Tensor, seen: int,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_score_names_and_objects():
-    assert SCORE_NAMES == ("keynorm", "tova", "snapkv", "h2o", "tova-pooled")
+    assert SCORE_NAMES == ("keynorm", "tova", "snapkv", "h2o", "tova-pooled", "vatp", "tova-span")
     for name in SCORE_NAMES:
         assert make_scorer(name).name == name
     sc = TOVAScorer()
