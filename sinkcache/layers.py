@@ -237,10 +237,11 @@ class EvictingLayer(CompressingLayer):
 
     Stored: keys/values ``[B, H, T, D]``, column ``pos`` ``[B, H, T]`` int32, eviction ``score``
     ``[B, H, T]`` float32 (from the policy's scorer, :mod:`sinkcache.scores`) and a ``sink`` flag
-    ``[B, H, T]``; T <= budget after every update.
+    ``[B, H, T]``; T <= budget after every update. A scorer that weighs tokens (``vatp``) adds their
+    ``weight`` ``[B, H, T]`` float32, fixed on arrival.
     """
 
-    _batched = ("keys", "values", "pos", "score", "sink")
+    _batched: tuple[str, ...] = ("keys", "values", "pos", "score", "sink")
     keys: torch.Tensor
     values: torch.Tensor
 
@@ -259,8 +260,10 @@ class EvictingLayer(CompressingLayer):
         if policy.positions == "shifted" and rotary is None:
             raise ValueError("positions='shifted' needs the model's rotary embedding: pass model= to SinkCache")
         self.scorer = policy.scorer()
+        if self.scorer.weighs_tokens:
+            self._batched = EvictingLayer._batched + ("weight",)
         self.keys = self.values = _EMPTY
-        self.pos = self.score = self.sink = _EMPTY
+        self.pos = self.score = self.sink = self.weight = _EMPTY
         self.marked = 0  # columns < marked have had their sink decision
 
     def _init_storage(self, b: int, h: int, d: int) -> None:
@@ -270,6 +273,8 @@ class EvictingLayer(CompressingLayer):
         self.pos = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
         self.score = torch.empty(b, h, 0, dtype=torch.float32, device=dev)
         self.sink = torch.empty(b, h, 0, dtype=torch.bool, device=dev)
+        if self.scorer.weighs_tokens:
+            self.weight = torch.empty(b, h, 0, dtype=torch.float32, device=dev)
         self.marked = 0
 
     def held(self) -> int:
@@ -298,6 +303,8 @@ class EvictingLayer(CompressingLayer):
         self.pos = torch.cat([self.pos, cols.view(1, 1, q).expand(b, h, q)], dim=2)
         self.score = torch.cat([self.score, self.scorer.arrival(key_states)], dim=2)
         self.sink = torch.cat([self.sink, torch.zeros(b, h, q, dtype=torch.bool, device=keys.device)], dim=2)
+        if self.scorer.weighs_tokens:
+            self.weight = torch.cat([self.weight, self.scorer.token_weight(value_states)], dim=2)
         self.seen += q
         return keys, values
 
@@ -311,7 +318,8 @@ class EvictingLayer(CompressingLayer):
     def observe_attention(self, attn: torch.Tensor, n_queries: torch.Tensor, q_len: int) -> None:
         """This forward's attention on the held tokens ``attn`` ``[B, H, T]`` (see
         :func:`sinkcache.scores.observe.attention_received`) updates their scores."""
-        attn = self.scorer.weigh(attn, self.values)
+        if self.scorer.weighs_tokens:
+            attn = attn * self.weight
         self.score = self.scorer.update(self.score, attn, n_queries, self.pos, self.seen, q_len)
 
     def _shifted_keys(self, key_states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -383,6 +391,8 @@ class EvictingLayer(CompressingLayer):
         self.pos = self.pos.gather(2, idx)
         self.score = self.score.gather(2, idx)
         self.sink = self.sink.gather(2, idx)
+        if self.scorer.weighs_tokens:
+            self.weight = self.weight.gather(2, idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding); only inside the window."""

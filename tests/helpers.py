@@ -214,3 +214,15 @@ def eager_prefill(model, cache, ids):
         b, hq, q, t = a.shape
         res[i] = a.view(b, hk, hq // hk, q, t).mean(2)
     return res
+
+
+def assert_layer_scores(cache, att, want) -> None:
+    """Each evicting layer's ``score`` ``[B, Hk, T]`` equals ``want(last, layer)``, where ``last`` ``[B, Hk, T]``
+    is the eager attention of the prompt's last query (from :func:`eager_prefill`); at least one layer checked."""
+    checked = 0
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, EvictingLayer):
+            expected = want(att[i][:, :, -1, :].float(), layer).expand_as(layer.score)
+            torch.testing.assert_close(layer.score, expected, atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked

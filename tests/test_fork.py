@@ -136,6 +136,8 @@ def test_members_must_share_model_and_detector(model, tok):
         dict(policy="evict", budget=20, window=8, sinks="auto", max_sinks=4, score="tova"),
         dict(policy="evict", budget=20, window=8, sinks="first", score="snapkv"),
         dict(policy="evict", budget=20, window=8, sinks="none", score="h2o"),
+        # the value weight is taken on arrival: a fork must hold the same weights as a cache that ran alone
+        dict(policy="evict", budget=20, window=8, sinks="first", score="vatp"),
         dict(policy="hybrid", bits=2, budget=80, window=4, group_size=16, sinks="auto", max_sinks=2),
         dict(policy="full"),
     ],

@@ -15,7 +15,6 @@ from sinkcache.compare.report import write_results
 PK = "sinkcache_passkey"
 
 
-
 def _rec(cell: Cell, pk: list[float], kv: float) -> dict:
     summary = {"per_task": {PK: sum(pk) / len(pk)}, "suite_score": None, "bits_per_byte": None, "kv_ratio": kv,
                "mean_kv_bytes": 1.0, "mean_full_kv_bytes": 5.0}

@@ -39,11 +39,16 @@ class Scorer(ABC):
         eviction can happen (layers compress one forward late)."""
         return torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
 
-    def weigh(self, attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """The attention ``attn`` ``[B, H, T]`` a forward gave the held tokens, weighed by what they
-        hold (``values`` ``[B, H, T, D]``) before :meth:`update` reads it. Plain attention for every
-        scorer but ``vatp``, which weighs it by the value norm."""
-        return attn
+    #: True for a scorer that weighs the attention a token draws by a factor fixed when the token
+    #: arrives (:meth:`token_weight`). The layer then computes that factor once per token and keeps it
+    #: beside the score (4 bytes per token and kv-head, counted in its memory), rather than recomputing it
+    #: from every held token on every forward.
+    weighs_tokens: bool = False
+
+    def token_weight(self, values: torch.Tensor) -> torch.Tensor:
+        """Factor ``[B, H, q]`` float32 of new tokens, from their values ``[B, H, q, D]``, that multiplies
+        the attention they draw before :meth:`update` reads it (only when :attr:`weighs_tokens`)."""
+        raise NotImplementedError(f"{type(self).__name__} weighs no tokens")
 
     @abstractmethod
     def update(
@@ -55,7 +60,8 @@ class Scorer(ABC):
         Args:
             score: ``[B, H, T]`` current scores of the held tokens (this forward's tokens included).
             attn: ``[B, H, T]`` attention each held token received in this forward, summed over the
-                observed (non-pad) queries and averaged over the query heads of its kv group.
+                observed (non-pad) queries and averaged over the query heads of its kv group (times the
+                token's :meth:`token_weight` for a scorer that weighs tokens).
             n_queries: ``[B]`` how many non-pad queries were observed per row.
             pos: ``[B, H, T]`` int32 column of each held token.
             seen: tokens seen so far (the forward's last query is column ``seen - 1``).

@@ -21,9 +21,11 @@ class VATPScorer(Scorer):
     name = "vatp"
     queries = 1
 
-    def weigh(self, attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        # [B, H, T] * [B, H, T]: what each held token writes, per kv-head
-        return attn * values.float().abs().sum(-1)
+    weighs_tokens = True
+
+    def token_weight(self, values: torch.Tensor) -> torch.Tensor:
+        # [B, H, q, D] -> [B, H, q]: a held value never changes, so its norm is taken once, on arrival
+        return values.float().abs().sum(-1)
 
     def update(self, score, attn, n_queries, pos, seen, q_len):
         return pool_over_heads(attn, pos)
