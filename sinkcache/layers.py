@@ -88,6 +88,10 @@ class CompressingLayer(CacheLayerMixin):
         self.ctx = ctx
         self.layer_idx = layer_idx
         self.seen = 0
+        # Whether the sink selector has marked heads differently (a [B, H, C] mark rather than
+        # [B, 1, C]); until it does, a layer whose scorer keeps one set per layer holds the same
+        # columns in every head.
+        self.marks_per_head = False
         self.shape: tuple[int, int, int] | None = None  # (batch, kv_heads, head_dim)
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
@@ -151,6 +155,7 @@ class CompressingLayer(CacheLayerMixin):
         for name in self._batched:
             setattr(self, name, _EMPTY)
         self.seen = 0
+        self.marks_per_head = False
         self.shape = None
         self.is_initialized = False
 
@@ -206,7 +211,10 @@ class CompressingLayer(CacheLayerMixin):
     def _mark_sinks(self, cols: torch.Tensor, keys: torch.Tensor, already: torch.Tensor | None) -> torch.Tensor:
         """``[B, H, C]`` sink mask for a block, capped at ``max_sinks`` per (row, head) given ``already`` ``[B, H]``."""
         b, h, c, _ = keys.shape
-        marks = self.sinks.mark(self.layer_idx, cols, self.ctx, keys).expand(b, h, c)
+        marks = self.sinks.mark(self.layer_idx, cols, self.ctx, keys)
+        if marks.shape[1] != 1:
+            self.marks_per_head = True  # a shape, not a value: no host-device sync
+        marks = marks.expand(b, h, c)
         cap = self.sinks.max_sinks
         if cap is not None:
             base = already if already is not None else torch.zeros(b, h, dtype=torch.long, device=keys.device)
@@ -320,7 +328,12 @@ class EvictingLayer(CompressingLayer):
         :func:`sinkcache.scores.observe.attention_received`) updates their scores."""
         if self.scorer.weighs_tokens:
             attn = attn * self.weight
-        self.score = self.scorer.update(self.score, attn, n_queries, self.pos, self.seen, q_len)
+        # Every head holds the same columns while the scorer pools over heads and no sink was marked
+        # for some heads only (eviction then picks the same tokens in every head): say so with
+        # [B, 1, T] columns, and the scorer can pool with a plain mean.
+        shared = self.scorer.one_set_per_layer and not self.marks_per_head
+        pos = self.pos[:, :1] if shared else self.pos
+        self.score = self.scorer.update(self.score, attn, n_queries, pos, self.seen, q_len)
 
     def _shifted_keys(self, key_states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Store the new keys un-rotated; return held keys rotated to the positions just before them."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import prompt
+from helpers import generate, left_pad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sinkcache import SinkCache
 from sinkcache.context import TokenContext
 from sinkcache.layers import EvictingLayer, QuantizedLayer
 from sinkcache.policies import EvictPolicy, HybridPolicy, QuantizePolicy
-from sinkcache.sinks import FirstSinks, NoSinks
+from sinkcache.scores import SCORERS
+from sinkcache.sinks import AutoSinks, FirstSinks, NoSinks, PunctSinks
 
 B, H, D = 2, 2, 16
 
@@ -194,3 +199,46 @@ def test_rejected_update_leaves_no_partial_state():
     else:  # pragma: no cover
         raise AssertionError("expected ValueError")
     assert layer.seen == before[0] and torch.equal(layer.win_k, before[1]) and torch.equal(layer.k_codes, before[2])
+
+
+# ---- one column set per layer (pooled scorers) --------------------------------------------------------
+
+
+def _pooled_run(tiny, score, sinks):
+    m = tiny("llama", "eager")
+    ids, mask = left_pad([prompt(40, seed=1)[0], prompt(33, seed=2)[0]])
+    cache = SinkCache("evict", budget=20, window=4, score=score, sinks=sinks, model=m)
+    out = generate(m, ids, cache, 10, mask=mask)
+    return cache, out
+
+
+def _selector(kind):
+    # punctuation ids that the seeded prompts contain, capped so that the cap's bookkeeping runs too
+    return {"first": "first", "none": "none", "punct": PunctSinks([5, 17, 33, 64], n_first=1, max_sinks=3)}[kind]
+
+
+@pytest.mark.parametrize("score", ["tova-pooled", "vatp", "tova-span"])
+@pytest.mark.parametrize("sinks", ["first", "none", "punct"])
+def test_pooled_scorers_keep_one_column_set_while_sinks_are_marked_alike(tiny, score, sinks, monkeypatch):
+    cache, out = _pooled_run(tiny, score, _selector(sinks))
+    layers = [layer for layer in cache.layers if isinstance(layer, EvictingLayer)]
+    assert layers and all(layer.seen > layer.held() for layer in layers)  # something was evicted
+    for layer in layers:
+        assert not layer.marks_per_head
+        assert torch.equal(layer.pos, layer.pos[:, :1].expand_as(layer.pos))
+    if sinks == "punct":
+        assert any(bool(layer.sink.sum(-1).gt(1).any()) for layer in layers)  # punctuation was kept
+    # the plain-mean pool gives what the per-column pool gives: same tokens, same logits
+    monkeypatch.setattr(SCORERS[score], "one_set_per_layer", False)
+    general, ref = _pooled_run(tiny, score, _selector(sinks))
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_per_head_sinks_switch_the_layer_to_the_per_column_pool(tiny):
+    cache, _ = _pooled_run(tiny, "tova-pooled", AutoSinks(n_first=1, max_sinks=4))
+    layers = [layer for layer in cache.layers if isinstance(layer, EvictingLayer)]
+    assert layers and all(layer.marks_per_head for layer in layers)
+    cache.reset()
+    assert not any(layer.marks_per_head for layer in layers)

@@ -27,6 +27,10 @@ class Scorer(ABC):
 
     name: str = "?"
     queries: int | None = 0
+    #: True for a scorer whose scores are equal across kv-heads whenever the heads hold the same
+    #: columns (it pools over heads): with sinks marked alike for every head, such a layer keeps one
+    #: token set, and :meth:`update` then gets ``pos`` ``[B, 1, T]`` (see the layer).
+    one_set_per_layer: bool = False
 
     @property
     def needs_attention(self) -> bool:
@@ -63,7 +67,8 @@ class Scorer(ABC):
                 observed (non-pad) queries and averaged over the query heads of its kv group (times the
                 token's :meth:`token_weight` for a scorer that weighs tokens).
             n_queries: ``[B]`` how many non-pad queries were observed per row.
-            pos: ``[B, H, T]`` int32 column of each held token.
+            pos: ``[B, H, T]`` int32 column of each held token; ``[B, 1, T]`` when every kv-head holds
+                the same columns (only for a scorer with :attr:`one_set_per_layer`).
             seen: tokens seen so far (the forward's last query is column ``seen - 1``).
             q_len: tokens in this forward (1 while decoding).
         Returns:

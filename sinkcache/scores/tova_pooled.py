@@ -17,14 +17,18 @@ from .base import Scorer
 def pool_over_heads(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Per-column mean over kv-heads of ``x`` ``[B, H, T]``, where ``pos`` ``[B, H, T]`` is each
     slot's column (ascending along T, as held tokens are); returned at every slot that holds the
-    column, ``[B, H, T]``.
+    column, ``[B, H, T]``. ``pos`` ``[B, 1, T]`` says every head holds the same columns.
 
     Each head's columns are looked up in every other head's (``searchsorted``): O(H^2 T log T) on
     what is held, nothing proportional to the stream length (no ``[B, seen]`` buffer per step).
+    When the heads share their columns the pool is a plain mean (one op instead of ~12 per layer
+    per step, ~4% of a smollm2 decode step).
     """
     b, h, t = x.shape
     if h == 1:
         return x
+    if pos.shape[1] == 1:
+        return x.mean(1, keepdim=True).expand(b, h, t)
     # [B, G, H, T]: head h's columns searched in head g's sorted columns.
     held = pos.unsqueeze(2).expand(b, h, h, t).reshape(-1, t)
     want = pos.unsqueeze(1).expand(b, h, h, t).reshape(-1, t)
@@ -38,6 +42,7 @@ def pool_over_heads(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 class PooledTOVAScorer(Scorer):
     name = "tova-pooled"
     queries = 1
+    one_set_per_layer = True
 
     def update(self, score, attn, n_queries, pos, seen, q_len):
         # attn is already averaged over each kv group's query heads; with equal groups, the mean

@@ -18,6 +18,7 @@ from .tova_pooled import pool_over_heads
 class SpanTOVAScorer(Scorer):
     name = "tova-span"
     queries = 1
+    one_set_per_layer = True
 
     def __init__(self, kernel: int = 5) -> None:
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:

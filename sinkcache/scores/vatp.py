@@ -20,6 +20,7 @@ from .tova_pooled import pool_over_heads
 class VATPScorer(Scorer):
     name = "vatp"
     queries = 1
+    one_set_per_layer = True
 
     weighs_tokens = True
 

@@ -69,3 +69,13 @@ def test_pooled_eviction_keeps_one_token_set_per_layer(tiny):
     for la in layers:
         assert torch.equal(la.pos[:, :1].expand_as(la.pos), la.pos)  # every kv-head holds the same columns
     cache.detach()
+
+
+def test_shared_columns_pool_is_the_per_column_pool():
+    # pos [B, 1, T] says every head holds these columns: a plain mean, bit-identical to the general pool
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 50, generator=g)
+    pos = torch.sort(torch.randperm(200, generator=g)[:50]).values.to(torch.int32).view(1, 1, 50).expand(2, 1, 50)
+    shared = pool_over_heads(x, pos)
+    assert torch.equal(shared, pool_over_heads(x, pos.expand(2, 3, 50)))
+    assert torch.equal(shared[:, :1].expand_as(shared), shared)
