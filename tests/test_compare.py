@@ -132,6 +132,24 @@ def test_fit_budget_is_a_fraction_of_the_request():
     assert (first["budget"], first["window"]) == (150, 146)  # StreamingLLM: 4 sinks + window
 
 
+@pytest.mark.parametrize(("n_tokens", "frac", "budget", "window"), [
+    (512, 0.125, 64, 8),  # the 512-token prompt at 12.5%: 8 recent tokens, not 32
+    (1024, 0.125, 128, 16),
+    (2048, 0.125, 256, 32),  # from a 256-token budget on, the -w32 cells' window
+    (4096, 0.25, 1024, 32),
+    (40, 0.125, 5, 1),  # never 0
+])
+def test_fit_budget_shrink_window_is_an_eighth_of_the_budget_up_to_32(n_tokens, frac, budget, window):
+    base = dict(policy="evict", bits=None, budget=None, window=None, group_size=None, sinks="auto", n_first=1, max_sinks=None)
+    got = fit_budget(base, frac, n_tokens, "shrink")
+    assert (got["budget"], got["window"]) == (budget, window)
+
+
+def test_fit_budget_refuses_an_unknown_window_mode():
+    with pytest.raises(ValueError, match="window_mode='half'; allowed: default, rest, shrink"):
+        fit_budget(dict(policy="evict", sinks="auto"), 0.25, 400, "half")
+
+
 @pytest.mark.parametrize("frac", [0.5, 0.25])
 @pytest.mark.parametrize("sinks", ["auto", "none"])
 def test_fraction_lm_holds_the_fraction_of_each_request(model, tok, frac, sinks):

@@ -273,6 +273,14 @@ def test_candidate_scorer_cells_change_only_the_scorer_of_the_w32_cell(model, to
     assert (d["score"], d["scorer"], d["sinks"], d["window"], d["budget"]) == (score, scorer, "auto", 32, 100)
 
 
+def test_vatp_shrink_cell_is_the_vatp_w32_cell_with_an_eighth_of_the_budget_as_window(model, tok):
+    w32 = _built_at_400(Cell("sink-evict-vatp-w32", budget=25.0), model, tok)
+    d = _built_at_400(Cell("sink-evict-vatp-wshrink", budget=25.0), model, tok)
+    assert (d["score"], d["scorer"], d["sinks"], d["budget"]) == (w32["score"], w32["scorer"], w32["sinks"], w32["budget"])
+    assert d["window"] == 12  # min(32, 100 // 8)
+    assert _built_at_400(Cell("sink-evict-vatp-wshrink", budget=12.5), model, tok)["window"] == 6  # 50 // 8
+
+
 def test_nosink_tova_pooled_cell_is_the_default_eviction_without_sinks(model, tok):
     """The sink ablation of the default eviction: same scorer, same window and budget, no sinks."""
     ours = _built_at_400(Cell("sink-evict-tova-pooled", budget=25.0), model, tok)

@@ -40,6 +40,9 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     # weighted attention (VATP; sinks are what VATP alone loses) and max-pooled spans.
     "sink-evict-vatp-w32": {"policy": "evict", "sinks": "auto", "score": "vatp", "window": 32},
     "sink-evict-tova-span-w32": {"policy": "evict", "sinks": "auto", "score": "tova-span", "window": 32},
+    # vatp with a window that shrinks with small budgets, min(32, budget // 8) (window mode "shrink"):
+    # the 32-token window was half of a 512-token prompt's budget at 12.5% (gemma3's passkey misses).
+    "sink-evict-vatp-wshrink": {"policy": "evict", "sinks": "auto", "score": "vatp"},
     "recent-evict": {"policy": "evict", "sinks": "none", "score": "keynorm"},
     "streamingllm": {"policy": "evict", "sinks": "first", "n_first": 4, "score": "keynorm"},
     "sink-quant": {"policy": "quantize", "sinks": "auto"},
@@ -53,7 +56,7 @@ _SINKCACHE_KW: dict[str, dict[str, Any]] = {
     "sink-hybrid": {"policy": "hybrid", "sinks": "auto"},
     "nosink-hybrid": {"policy": "hybrid", "sinks": "none"},
 }
-_WINDOW_MODE = {"recent-evict": "rest", "streamingllm": "rest"}
+_WINDOW_MODE = {"recent-evict": "rest", "streamingllm": "rest", "sink-evict-vatp-wshrink": "shrink"}
 
 
 def lm_options(cell: Cell) -> dict[str, Any]:

@@ -31,17 +31,25 @@ from ..policies import HybridPolicy
 __all__ = ["FractionLM", "QuantizedPeerLM", "KVPressLM", "PeerQuantCache", "tensor_bytes", "fit_budget"]
 
 
+#: How a fraction cell's eviction window is set per request (see :func:`fit_budget`).
+WINDOW_MODES = ("default", "rest", "shrink")
+#: The ``"shrink"`` window's cap: the 32 tokens of the ``-w32`` cells, reached at budgets >= 256.
+SHRINK_WINDOW_MAX = 32
+
+
 def fit_budget(kw: dict[str, Any], frac: float, n_tokens: int, window_mode: str) -> dict[str, Any]:
     """Cache kwargs with ``budget = ceil(frac * n_tokens)`` (raised to the policy's minimum).
 
     ``window_mode``: ``"default"`` (``kw["window"]`` when set, else the policy's own default
     window), ``"rest"`` (the window takes
     the whole budget except the ``n_first`` sinks of ``sinks="first"``: pure recent window /
-    StreamingLLM).
+    StreamingLLM), ``"shrink"`` (``min(32, budget // 8)``, at least 1: a fixed 32-token window
+    is half of a 64-token budget, which left a 512-token prompt at 12.5% half the scored slots
+    of kvpress's TOVA, which protects only the last token).
     """
     kw = dict(kw)
-    if window_mode not in ("default", "rest"):
-        raise ValueError(f"window_mode={window_mode!r}; allowed: default, rest")
+    if window_mode not in WINDOW_MODES:
+        raise ValueError(f"window_mode={window_mode!r}; allowed: {', '.join(WINDOW_MODES)}")
     budget = max(1, math.ceil(frac * n_tokens))
     if kw["policy"] == "evict":
         sinks = kw.get("sinks")
@@ -58,6 +66,8 @@ def fit_budget(kw: dict[str, Any], frac: float, n_tokens: int, window_mode: str)
         budget = max(budget, own + reserved + 1)
         if window_mode == "rest":
             kw["window"] = budget - reserved
+        elif window_mode == "shrink":
+            kw["window"] = min(SHRINK_WINDOW_MAX, max(1, budget // 8))
     elif kw["policy"] == "hybrid":
         # Unset knobs are the policy's own defaults (window 128, group 64), not 0.
         window = HybridPolicy.window if kw.get("window") is None else int(kw["window"])

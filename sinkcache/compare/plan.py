@@ -24,6 +24,7 @@ POLICIES: dict[str, tuple[str, str, str]] = {
     "sink-evict-tova-pooled": ("ours", "evict", "sink-aware TOVA eviction, attention averaged over the layer's heads (kvpress's TOVA score)"),
     "sink-evict-tova-pooled-w32": ("ours", "evict", "the default eviction (tova-pooled) with a 32-token recent window (default: min(256, budget/2))"),
     "sink-evict-vatp-w32": ("ours", "evict", "sink-aware eviction scored by attention times value norm (VATP), pooled over heads, 32-token window"),
+    "sink-evict-vatp-wshrink": ("ours", "evict", "VATP eviction with a window of min(32, budget // 8) tokens"),
     "sink-evict-tova-span-w32": ("ours", "evict", "sink-aware tova-pooled eviction, scores max-pooled over 5 neighbouring tokens, 32-token window"),
     "sink-evict-snapkv": ("ours", "evict", "sink-aware eviction scored by the last 32 queries' attention (SnapKV-class)"),
     "sink-evict-h2o": ("ours", "evict", "sink-aware eviction scored by accumulated attention (H2O-class)"),

@@ -26,7 +26,7 @@ from .stats import Interval, ratio_of_sums, stratified_mean, verdict
 #: ours -> its no-sink (or no-protection) baseline in the same family.
 _EVICT_OURS = (
     "sink-evict", "sink-evict-tova", "sink-evict-tova-w32", "sink-evict-tova-pooled", "sink-evict-snapkv", "sink-evict-h2o",
-    "sink-evict-tova-pooled-w32", "sink-evict-vatp-w32", "sink-evict-tova-span-w32",
+    "sink-evict-tova-pooled-w32", "sink-evict-vatp-w32", "sink-evict-tova-span-w32", "sink-evict-vatp-wshrink",
 )
 BASELINE_OF = {
     **{p: "recent-evict" for p in _EVICT_OURS}, "sink-quant": "kivi", "sink-quant-first": "kivi", "sink-quant-refine": "kivi", "sink-quant-auto-refine": "kivi", "sink-hybrid": "nosink-hybrid",
@@ -55,6 +55,8 @@ PEERS_OF = {
     "sink-evict-tova-pooled-w32": ("sink-evict-tova-pooled", "sink-evict-tova-w32", "sink-evict", *_EVICT_PEERS),
     # candidate scorers against the cache they change (same window) and the default
     **{p: ("sink-evict-tova-pooled-w32", "sink-evict-tova-pooled", *_EVICT_PEERS) for p in ("sink-evict-vatp-w32", "sink-evict-tova-span-w32")},
+    # the shrinking window against the same scorer with the fixed 32-token window
+    "sink-evict-vatp-wshrink": ("sink-evict-vatp-w32", "sink-evict-tova-pooled-w32", *_EVICT_PEERS),
     "sink-quant": ("hf-quanto", "hf-hqq"),
     "sink-quant-first": ("sink-quant", "hf-quanto", "hf-hqq"),
     "sink-quant-refine": ("sink-quant", "hf-quanto", "hf-hqq"),
