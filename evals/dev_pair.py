@@ -35,13 +35,13 @@ def records(parts: list[str], cells: list[str]) -> dict[str, dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", nargs="*", default=[])
     ap.add_argument("--cells", nargs="*", default=[])
     ap.add_argument("--pair", action="append", required=True, help="A:B (prints B - A)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     recs = records(a.parts, a.cells)
     tasks = [t for t in ACCURACY_METRICS]
     res = []
@@ -56,6 +56,7 @@ def main() -> None:
         print(f"{y} - {x}: suite {fmt_diff(p.get('suite'))} ({n} docs), bits/byte {fmt_diff(p.get('bits_per_byte'), 4)}")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 if __name__ == "__main__":
