@@ -269,7 +269,7 @@ class EvictingLayer(CompressingLayer):
             raise ValueError("positions='shifted' needs the model's rotary embedding: pass model= to SinkCache")
         self.scorer = policy.scorer()
         if self.scorer.weighs_tokens:
-            self._batched = EvictingLayer._batched + ("weight",)
+            self._batched = type(self)._batched + ("weight",)
         self.keys = self.values = _EMPTY
         self.pos = self.score = self.sink = self.weight = _EMPTY
         self.marked = 0  # columns < marked have had their sink decision
