@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     recs = records(a.parts, a.cells)
-    tasks = [t for t in ACCURACY_METRICS]
+    tasks = list(ACCURACY_METRICS)
     res = []
     for spec in a.pair:
         x, y = spec.split(":")

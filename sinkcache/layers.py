@@ -401,11 +401,8 @@ class EvictingLayer(CompressingLayer):
         idx = _keep_order(prio, n)
         self.keys = _take(self.keys, idx)
         self.values = _take(self.values, idx)
-        self.pos = self.pos.gather(2, idx)
-        self.score = self.score.gather(2, idx)
-        self.sink = self.sink.gather(2, idx)
-        if self.scorer.weighs_tokens:
-            self.weight = self.weight.gather(2, idx)
+        for name in self._batched[2:]:  # pos, score, sink (and vatp's weight): [B, H, T] per held token
+            setattr(self, name, getattr(self, name).gather(2, idx))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding); only inside the window."""
